@@ -1,0 +1,131 @@
+"""Each loss mode, as the trainer computes it, against a naive reference on full logits: values and gradients."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+
+from tests.utils import kv_rows, tiny_model, tiny_tokenizer
+from trl_opsdl import OPSDLConfig, OPSDLTrainer
+from trl_opsdl.loss_utils import LMHead, full_logits_divergence, topk_reverse_kl
+
+
+def make_trainer(tmp_path, model, tokenizer, **config):
+    args = OPSDLConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_completion_length=6,
+        report_to="none",
+        gradient_checkpointing=False,
+        save_strategy="no",
+        **config,
+    )
+    return OPSDLTrainer(model=model, args=args, train_dataset=Dataset.from_list(kv_rows(8)), processing_class=tokenizer)
+
+
+def completion_logits(model, prompt_ids, completion_ids):
+    """Logits that predict each completion token, from one unpadded sequence: (K, V)."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    logits = model(input_ids=ids).logits[0]
+    return logits[len(prompt_ids) - 1 : -1]
+
+
+def naive_loss(student, teacher, batch, mode, beta=1.0, k=20, clip=None):
+    """Full student logits on prompt+completion, full teacher logits on teacher_prompt+completion, per row."""
+    total, n_tokens = 0.0, 0
+    for b in range(batch["prompt_ids"].size(0)):
+        prompt = batch["prompt_ids"][b][batch["prompt_mask"][b].bool()].tolist()
+        teacher_prompt = batch["teacher_prompt_ids"][b][batch["teacher_prompt_mask"][b].bool()].tolist()
+        mask = batch["loss_mask"][b].bool()
+        completion = batch["completion_ids"][b][batch["completion_mask"][b].bool()].tolist()
+        s_logp = torch.log_softmax(completion_logits(student, prompt, completion), -1)
+        with torch.no_grad():
+            t_logp = torch.log_softmax(completion_logits(teacher, teacher_prompt, completion), -1)
+        mask = mask[: len(completion)]
+        s_logp, t_logp = s_logp[mask], t_logp[mask]
+        tokens = torch.tensor(completion)[mask]
+        if mode == "full_logits":
+            if beta == 1.0:
+                per_token = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+            else:
+                s_p, t_p = s_logp.exp(), t_logp.exp()
+                m = torch.log((1 - beta) * s_p + beta * t_p)
+                per_token = beta * (t_p * (t_logp - m)).sum(-1) + (1 - beta) * (s_p * (s_logp - m)).sum(-1)
+        elif mode == "sampled_token":
+            s_tok = s_logp.gather(-1, tokens[:, None])[:, 0]
+            t_tok = t_logp.gather(-1, tokens[:, None])[:, 0]
+            advantage = (t_tok - s_tok).detach()
+            if clip is not None:
+                advantage = advantage.clamp(-clip, clip)
+            per_token = -advantage * s_tok
+        else:  # topk_logits: student's top-k tokens plus one bucket for the rest
+            idx = s_logp.detach().topk(k, -1).indices
+            s_k, t_k = s_logp.gather(-1, idx), t_logp.gather(-1, idx)
+            s_b = torch.cat([s_k, torch.log(1 - s_k.exp().sum(-1, keepdim=True))], -1)
+            t_b = torch.cat([t_k, torch.log(1 - t_k.exp().sum(-1, keepdim=True))], -1)
+            per_token = (s_b.exp() * (s_b - t_b)).sum(-1)
+        total = total + per_token.sum()
+        n_tokens += int(mask.sum())
+    return total / n_tokens
+
+
+@pytest.mark.parametrize(
+    "mode,extra",
+    [
+        ("full_logits", {}),
+        ("full_logits", {"beta": 0.5}),
+        ("sampled_token", {}),
+        ("sampled_token", {"sampled_token_clip": 0.01}),
+        ("topk_logits", {"loss_top_k": 5, "loss_chunk_size": 3}),
+    ],
+)
+def test_loss_matches_naive_reference(tmp_path, mode, extra):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    initial = copy.deepcopy(model)  # the `base` teacher: the frozen initial weights
+    trainer = make_trainer(tmp_path, model, tokenizer, distillation_mode=mode, **extra)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(list(trainer.train_dataset.select(range(4))))
+    # After one optimizer-free update of the student only, teacher and student differ: move the student a bit.
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+    student_ref = copy.deepcopy(trainer.model)
+    student_ref.zero_grad()
+    ref = naive_loss(
+        student_ref, initial, batch, mode, beta=extra.get("beta", 1.0), k=extra.get("loss_top_k", 20),
+        clip=extra.get("sampled_token_clip"),
+    )
+    ref.backward()
+
+    assert loss.item() != 0.0
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-7)
+    for name, p in student_ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=f"gradient of {name}")
+
+
+def test_chunked_topk_equals_unchunked_and_full_kl_equals_plain():
+    torch.manual_seed(0)
+    h_s = torch.randn(7, 8, requires_grad=True)
+    h_t = torch.randn(7, 8)
+    head_s = LMHead(torch.randn(50, 8, requires_grad=True))
+    head_t = LMHead(torch.randn(50, 8))
+    one, _ = topk_reverse_kl(h_s, h_t, head_s, head_t, k=4, chunk_size=100)
+    (g_one,) = torch.autograd.grad(one.sum(), h_s)
+    chunked, _ = topk_reverse_kl(h_s, h_t, head_s, head_t, k=4, chunk_size=2)
+    (g_chunked,) = torch.autograd.grad(chunked.sum(), h_s)
+    torch.testing.assert_close(one, chunked)
+    torch.testing.assert_close(g_one, g_chunked)
+
+    kl, entropy = full_logits_divergence(h_s, h_t, head_s, head_t, beta=1.0, temperature=0.7)
+    s_logp = torch.log_softmax(head_s.logits(h_s, 0.7), -1)
+    t_logp = torch.log_softmax(head_t.logits(h_t, 0.7), -1)
+    torch.testing.assert_close(kl, (s_logp.exp() * (s_logp - t_logp)).sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(entropy, -(s_logp.exp() * s_logp).sum(-1), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,424 @@
+"""`OPSDLTrainer`: TRL's on-policy `DistillationTrainer` with the model as its own teacher on a short prompt."""
+
+import os
+import random
+import textwrap
+import warnings
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import is_peft_model
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl import DistillationTrainer
+from trl.data_utils import is_conversational
+from trl.trainer.utils import pad
+
+from . import loss_utils
+from .opsdl_config import OPSDLConfig
+from .teacher import EMATeacher, add_ema_adapter, frozen_copy, teacher_context
+
+
+logger = get_logger(__name__)
+
+
+def fit_to_length(ids: list[int], max_length: int | None, policy: str, what: str, text) -> tuple[list[int], bool]:
+    """Apply the truncation policy to one tokenized prompt; returns the ids and whether they were cut."""
+    if max_length is None or len(ids) <= max_length:
+        return ids, False
+    if policy == "error":
+        preview = str(text)[:80].replace("\n", " ")
+        raise ValueError(
+            f"A {what} has {len(ids)} tokens, more than max_{what}_length={max_length} ({what} begins {preview!r}). "
+            f"Raise max_{what}_length, or set truncation_policy='middle' (keep head and tail) or 'left' (keep the "
+            "tail) to cut it."
+        )
+    if policy == "left":
+        return ids[-max_length:], True
+    head = max_length // 2
+    return ids[:head] + ids[len(ids) - (max_length - head) :], True  # "middle": LongBench keeps both ends
+
+
+class OPSDLTrainer(DistillationTrainer):
+    """
+    Trainer for OPSDL — On-Policy Self-Distillation for Long context ([arXiv 2604.17535](https://arxiv.org/abs/2604.17535)).
+
+    The model samples a response to the long `prompt`; the same model, without gradient, scores those response tokens
+    given only the short `teacher_prompt` (the relevant evidence + the same question); the loss is the token-level
+    reverse KL(student on long || teacher on short) over the response. No labels are needed.
+
+    Example:
+
+    ```python
+    >>> from datasets import Dataset
+    >>> from trl_opsdl import OPSDLConfig, OPSDLTrainer
+
+    >>> dataset = Dataset.from_list(
+    ...     [{"prompt": "<long document> Q: who wrote it?", "teacher_prompt": "<the relevant passage> Q: who wrote it?"}]
+    ... )
+    >>> trainer = OPSDLTrainer(
+    ...     model="Qwen/Qwen2.5-7B-Instruct", args=OPSDLConfig(output_dir="opsdl"), train_dataset=dataset
+    ... )
+    >>> trainer.train()
+    ```
+
+    Args are those of [`~trl.DistillationTrainer`]; `teacher_model` is optional. Without it the teacher is the model
+    itself (`args.teacher_model_kind`: `base`, `live` or `ema`); with it, that model (same vocabulary) scores the short
+    prompt. The datasets need a `prompt` column and a teacher-prompt column (`args.teacher_prompt_column`), both plain
+    text or both conversational.
+    """
+
+    _tag_names = ["trl", "opsdl", "distillation", "long-context"]
+    _name = "OPSDL"
+    _paper = {
+        "title": "On-Policy Self-Distillation for Long Context",
+        "id": "2604.17535",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{opsdl2026,
+                title        = {{On-Policy Self-Distillation for Long Context}},
+                year         = 2026,
+                eprint       = {arXiv:2604.17535},
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model,
+        teacher_model=None,
+        args: OPSDLConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = OPSDLConfig(f"{str(name).split('/')[-1]}-OPSDL")
+        if not isinstance(args, OPSDLConfig):
+            raise TypeError(
+                f"OPSDLTrainer needs an OPSDLConfig, got {type(args).__name__}. Build it with "
+                f"OPSDLConfig(**your_config.to_dict()) or replace DistillationConfig by OPSDLConfig in your script."
+            )
+        if teacher_model is not None and args.teacher_model_kind != "base":
+            raise ValueError(
+                f"An explicit teacher_model was passed together with teacher_model_kind={args.teacher_model_kind!r}. "
+                "The explicit model is used as a frozen teacher; leave teacher_model_kind at 'base', or drop "
+                "teacher_model to use the model itself as a live or EMA teacher."
+            )
+        self._is_conversational = None
+        for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            for name, ds in dataset.items() if isinstance(dataset, dict) else [(split, dataset)]:
+                self._check_dataset(ds, name, args.teacher_prompt_column)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer is not None:
+            if tokenizer.pad_token is None and tokenizer.eos_token is None:
+                raise ValueError(
+                    "The tokenizer has neither a pad token nor an eos token, so prompts cannot be batched. Set one, "
+                    "e.g. `tokenizer.pad_token = tokenizer.eos_token` or `tokenizer.add_special_tokens({'pad_token': "
+                    "'<pad>'})` (and resize the embeddings)."
+                )
+            if tokenizer.pad_token is None:
+                logger.warning("The tokenizer has no pad token: its eos token is used for padding (TRL's convention).")
+            if self._is_conversational and getattr(processing_class, "chat_template", None) is None:
+                raise ValueError(
+                    "The dataset is conversational (prompts are message lists) but the tokenizer has no chat "
+                    "template. Set `tokenizer.chat_template`, use an instruct model's tokenizer, or give plain-text "
+                    "prompts."
+                )
+
+        super().__init__(
+            model=model,
+            teacher_model=teacher_model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+        )
+
+        # The teacher: an explicit model was prepared by the parent; otherwise it is the model itself.
+        self.teacher_kind = "explicit" if teacher_model is not None else args.teacher_model_kind
+        self.ema_teacher = None
+        peft = is_peft_model(self.model)
+        if self.teacher_kind == "base" and not peft:
+            self.teacher_model = frozen_copy(self.model, args, self.accelerator)
+        elif self.teacher_kind == "ema":
+            if peft:
+                add_ema_adapter(self.model)
+                self.teacher_model = None
+            else:
+                self.teacher_model = frozen_copy(self.model, args, self.accelerator)
+            self.ema_teacher = EMATeacher(self.model, self.teacher_model, args.teacher_ema_decay, self.accelerator)
+            self.add_callback(self.ema_teacher)
+        elif self.teacher_kind in ("base", "live"):
+            self.teacher_model = None  # the student's weights, under `teacher_context`
+        self._truncations = {"prompt": 0, "teacher_prompt": 0}
+        self._warned_not_shorter = False
+
+    # ---- input checks -------------------------------------------------------------------------------------------
+
+    def _check_dataset(self, dataset, name, column):
+        """Reject datasets that would train on nothing, or silently on the wrong thing, before any compute."""
+        if dataset is None:
+            return
+        columns = dataset.column_names or []
+        for needed in ("prompt", column):
+            if columns and needed not in columns:
+                raise ValueError(
+                    f"{name} has no {needed!r} column (columns: {columns}). OPSDL needs 'prompt' (long context + "
+                    f"question) and {column!r} (short context + the same question); set "
+                    "OPSDLConfig.teacher_prompt_column if the short prompt lives in another column."
+                )
+        if not hasattr(dataset, "__getitem__") or not columns:
+            return  # iterable datasets are checked batch by batch in `_check_rows`
+        self._check_rows([dataset[i] for i in range(min(len(dataset), 1))], column, name)
+        for i, teacher_prompt in enumerate(dataset[column]):
+            if not teacher_prompt:
+                raise ValueError(
+                    f"{name} row {i} has an empty or None {column!r} ({teacher_prompt!r}). Every row needs a short "
+                    "prompt for the teacher: fill it (e.g. with trl_opsdl.data extractors) or drop the row."
+                )
+
+    def _check_rows(self, rows, column, where="batch"):
+        for i, row in enumerate(rows):
+            prompt, teacher_prompt = row.get("prompt"), row.get(column)
+            if not teacher_prompt:
+                raise ValueError(
+                    f"{where} row {i} has an empty or None {column!r} ({teacher_prompt!r}). Every row needs a short "
+                    "prompt for the teacher: fill it or drop the row."
+                )
+            conversational = is_conversational({"prompt": prompt})
+            if conversational != is_conversational({"prompt": teacher_prompt}):
+                raise ValueError(
+                    f"{where} row {i}: 'prompt' is {'conversational' if conversational else 'plain text'} but "
+                    f"{column!r} is {'plain text' if conversational else 'conversational'}. Give both as plain text "
+                    "or both as message lists, so student and teacher see the same template."
+                )
+            if conversational:
+                for key, messages in (("prompt", prompt), (column, teacher_prompt)):
+                    if messages[-1]["role"] != "user":
+                        raise ValueError(
+                            f"{where} row {i}: the conversational {key!r} ends with a {messages[-1]['role']!r} turn. "
+                            "It must end with the user's question, so the model answers it; drop trailing "
+                            "assistant turns."
+                        )
+            if self._is_conversational is None:
+                self._is_conversational = conversational
+
+    # ---- generation: the student generates on the long prompt; the short prompt is tokenized beside it ----------
+
+    def _tokenize_prompts(self, prompts: list):
+        # The parent tokenizes with no length limit; OPSDL applies `max_prompt_length` and its truncation policy here,
+        # before generation, so the student generates from exactly what it is then trained on.
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        prompt_ids = self._fit(prompt_ids, prompts, self.args.max_prompt_length, "prompt")
+        return prompt_ids, images, multimodal_fields
+
+    def _fit(self, ids_list, texts, max_length, what):
+        fitted = []
+        for ids, text in zip(ids_list, texts, strict=True):
+            ids, cut = fit_to_length(list(ids), max_length, self.args.truncation_policy, what, text)
+            self._truncations[what] += cut
+            fitted.append(ids)
+        return fitted
+
+    def _generate_and_score_completions(self, inputs):
+        # The parent generates on `prompt` and builds the student inputs. OPSDL adds the teacher's short prompt,
+        # tokenized once per generation batch (not per micro-step), and a loss mask that can leave end tokens out.
+        column = self.args.teacher_prompt_column
+        self._check_rows(inputs, column)
+        teacher_prompts = [row[column] for row in inputs]
+        if self.args.short_prompt_ratio > 0 and self.model.training:
+            # Anchor rows: the student generates from the short prompt too, so the frozen teacher keeps it where it was.
+            rng = random.Random(self.args.seed * 1_000_003 + self._step)
+            num_short = round(self.args.short_prompt_ratio * len(inputs))
+            short_rows = set(rng.sample(range(len(inputs)), num_short))
+            inputs = [
+                {**row, "prompt": row[column]} if i in short_rows else row for i, row in enumerate(inputs)
+            ]
+        mode = "train" if self.model.training else "eval"
+        truncated_before = dict(self._truncations)
+
+        output = super()._generate_and_score_completions(inputs)
+
+        device = self.accelerator.device
+        teacher_ids_list, _, _ = super()._tokenize_prompts(teacher_prompts)
+        teacher_ids_list = self._fit(teacher_ids_list, teacher_prompts, self.args.max_teacher_prompt_length, "teacher_prompt")
+        teacher_ids = [torch.tensor(ids) for ids in teacher_ids_list]
+        pad_id = self._tokenizer.pad_token_id
+        output["teacher_prompt_ids"] = pad(teacher_ids, padding_value=pad_id, padding_side="left").to(device)
+        output["teacher_prompt_mask"] = pad(
+            [torch.ones_like(t) for t in teacher_ids], padding_value=0, padding_side="left"
+        ).to(device)
+
+        loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+        if self.args.exclude_eos_from_loss:
+            is_eos = torch.isin(output["completion_ids"], torch.tensor(self.eos_token_ids, device=device))
+            loss_mask = loss_mask * (~is_eos).long()
+        output["loss_mask"] = loss_mask
+        # The loss is a sum over tokens divided by the global number of loss tokens (all ranks, all micro-batches of
+        # this generation batch), so gradient accumulation 4x1 and 1x4 give the same update.
+        output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+
+        prompt_lengths = self.accelerator.gather(output["prompt_mask"].sum(1)).float()
+        teacher_lengths = self.accelerator.gather(output["teacher_prompt_mask"].sum(1)).float()
+        not_shorter = (teacher_lengths >= prompt_lengths).sum().item()
+        if not_shorter and not self._warned_not_shorter and self.args.short_prompt_ratio == 0:
+            self._warned_not_shorter = True
+            warnings.warn(
+                f"{int(not_shorter)} of {len(prompt_lengths)} rows in this batch have a teacher prompt as long as or "
+                "longer than the prompt: the teacher then has no advantage over the student and OPSDL learns "
+                "nothing from them. Check the teacher prompt column (counted in opsdl/teacher_not_shorter).",
+                stacklevel=2,
+            )
+        metrics = self._metrics[mode]
+        metrics["opsdl/prompt_length"].append(prompt_lengths.mean().item())
+        metrics["opsdl/teacher_prompt_length"].append(teacher_lengths.mean().item())
+        metrics["opsdl/teacher_to_prompt_ratio"].append((teacher_lengths / prompt_lengths.clamp(min=1)).mean().item())
+        metrics["opsdl/teacher_not_shorter"].append(not_shorter)
+        for what in ("prompt", "teacher_prompt"):
+            cut = torch.tensor(self._truncations[what] - truncated_before[what], device=device)
+            metrics[f"opsdl/truncated_{what}s"].append(self.accelerator.gather(cut).sum().item())
+        return output
+
+    # ---- loss: student on long prompt + completion, teacher on short prompt + the same completion --------------
+
+    def _teacher_hidden_states(self, unwrapped_student, inputs, logits_to_keep):
+        teacher_input_ids = torch.cat([inputs["teacher_prompt_ids"], inputs["completion_ids"]], dim=1)
+        teacher_attention_mask = torch.cat([inputs["teacher_prompt_mask"], inputs["completion_mask"]], dim=1)
+        with torch.no_grad():
+            if self.teacher_model is None:  # the student's own weights: live, or PEFT base / EMA adapter
+                with teacher_context(unwrapped_student, self.teacher_kind):
+                    hidden_BKH = self._get_last_hidden_state(
+                        unwrapped_student, teacher_input_ids, teacher_attention_mask, logits_to_keep
+                    )
+                return hidden_BKH, unwrapped_student
+            # A separate model: route it through its own wrapper so DeepSpeed/FSDP gather its shards first.
+            self.teacher_model.eval()
+            unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+            hidden_BKH = self._forward_redirection(
+                self.teacher_model,
+                unwrapped_teacher,
+                self._get_last_hidden_state,
+                unwrapped_teacher,
+                teacher_input_ids,
+                teacher_attention_mask,
+                logits_to_keep,
+            )
+            return hidden_BKH, unwrapped_teacher
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        # The parent runs its teacher on the student's own input ids. Here the teacher sees the short prompt + the same
+        # completion tokens; only completion positions are projected to the vocabulary, in chunks.
+        completion_ids_BK = inputs["completion_ids"]
+        loss_mask_BK = inputs["loss_mask"]
+        logits_to_keep = completion_ids_BK.size(1)
+        if logits_to_keep == 0:  # nothing was generated: a zero loss, never 0/0
+            zero = sum(p.sum() * 0.0 for p in unwrapped_student.parameters() if p.requires_grad)
+            return zero, completion_ids_BK.new_zeros((), dtype=torch.float), completion_ids_BK.new_zeros(())
+
+        # Teacher first: its no-grad activations are freed before the student's, which are kept for the backward.
+        teacher_hidden_BKH, teacher_module = self._teacher_hidden_states(unwrapped_student, inputs, logits_to_keep)
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids_BK], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        student_hidden_BKH = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep)
+
+        student_head = loss_utils.LMHead.from_model(unwrapped_student)
+        teacher_head = loss_utils.LMHead.from_model(teacher_module)
+        # Only the loss positions go through the vocabulary projection: padding and excluded tokens never do.
+        valid_BK = loss_mask_BK.bool()
+        student_hidden_NH = student_hidden_BKH[valid_BK].to(student_head.weight.device)
+        teacher_hidden_NH = teacher_hidden_BKH[valid_BK].to(teacher_head.weight.device)
+        tokens_N = completion_ids_BK[valid_BK].to(student_head.weight.device)
+        temperature = self.temperature
+        mode = self.args.distillation_mode
+
+        if mode == "sampled_token":
+            student_logp_N, entropy_N = loss_utils.sampled_token_logprobs(
+                student_hidden_NH, student_head, tokens_N, temperature
+            )
+            with torch.no_grad():
+                teacher_logp_N, _ = loss_utils.sampled_token_logprobs(
+                    teacher_hidden_NH, teacher_head, tokens_N, temperature
+                )
+            per_token_N = loss_utils.sampled_token_surrogate(student_logp_N, teacher_logp_N, self.args.sampled_token_clip)
+            exact_kl_N = None
+        else:
+            if mode == "full_logits":
+                per_token_N, entropy_N = loss_utils.full_logits_divergence(
+                    student_hidden_NH, teacher_hidden_NH, student_head, teacher_head, self.beta, temperature
+                )
+            else:
+                per_token_N, entropy_N = loss_utils.topk_reverse_kl(
+                    student_hidden_NH,
+                    teacher_hidden_NH,
+                    student_head,
+                    teacher_head,
+                    self.args.loss_top_k,
+                    temperature,
+                    self.args.loss_chunk_size,
+                )
+            exact_kl_N = per_token_N.detach() if (mode == "topk_logits" or self.beta == 1.0) else None
+            with torch.no_grad():  # sampled-token log-probs, for the logs only
+                student_logp_N, _ = loss_utils.sampled_token_logprobs(
+                    student_hidden_NH.detach(), student_head, tokens_N, temperature
+                )
+                teacher_logp_N, _ = loss_utils.sampled_token_logprobs(
+                    teacher_hidden_NH, teacher_head, tokens_N, temperature
+                )
+
+        divisor = num_items_in_batch if num_items_in_batch is not None else valid_BK.sum().clamp(min=1)
+        loss = per_token_N.sum() / divisor
+
+        # Raw sums for the logs; `compute_loss` reduces them across ranks outside the wrapped forward.
+        n = valid_BK.sum()
+        sampled_kl_N = (student_logp_N - teacher_logp_N).detach()
+        self._pending_sums = {
+            "opsdl/reverse_kl": (exact_kl_N if exact_kl_N is not None else sampled_kl_N).sum(),
+            "opsdl/sampled_kl_estimate": sampled_kl_N.sum(),
+            "opsdl/student_logprob": student_logp_N.detach().sum(),
+            "opsdl/teacher_logprob": teacher_logp_N.detach().sum(),
+        }
+        return loss, entropy_N.detach().sum(), n
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The parent computes the loss and logs the entropy; OPSDL adds the per-token KL and log-prob logs, and stops
+        # on a non-finite loss instead of silently training on it.
+        self._pending_sums = {}
+        loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        n = self.accelerator.gather_for_metrics(inputs["loss_mask"].sum()).sum().clamp(min=1)
+        for key, value in self._pending_sums.items():
+            self._metrics[mode][key].append((self.accelerator.gather_for_metrics(value).sum() / n).item())
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"The OPSDL loss is {loss.item()} at global step {self.state.global_step} (micro-step {self._step}). "
+                "Lower the learning rate, check the data of this step (an empty teacher prompt?), or use fp32/bf16 "
+                "instead of fp16."
+            )
+        return (loss, None) if return_outputs else loss
+
+    # ---- EMA teacher state in checkpoints -------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        # The parent restores the student and optimizer; the EMA teacher's weights are OPSDL's own state, so the
+        # checkpoint to resume from is remembered here and loaded by the EMA callback once training begins.
+        if self.ema_teacher is not None and resume_from_checkpoint:
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            self.ema_teacher.resume_from = resume_from_checkpoint
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.ema_teacher is not None:
+            run_dir = self._get_output_dir(trial=trial)
+            self.ema_teacher.save(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
