@@ -1,0 +1,151 @@
+"""Every input a user can get wrong gets an error that names the value and says what to do (or a counted warning)."""
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import DistillationConfig
+
+from tests.test_trainer import config, generate, trainer_for
+from tests.utils import kv_rows, tiny_model, tiny_tokenizer
+from trl_opsdl import OPSDLConfig, OPSDLTrainer
+from trl_opsdl.teacher import frozen_copy
+
+
+def test_missing_columns(tmp_path):
+    rows = [{"prompt": r["prompt"]} for r in kv_rows(4)]
+    with pytest.raises(ValueError, match="no 'teacher_prompt' column"):
+        trainer_for(tmp_path, rows=rows)
+    rows = [{"teacher_prompt": r["teacher_prompt"]} for r in kv_rows(4)]
+    with pytest.raises(ValueError, match="no 'prompt' column"):
+        trainer_for(tmp_path, rows=rows)
+    rows = [{"prompt": r["prompt"], "short": r["teacher_prompt"]} for r in kv_rows(4)]
+    trainer_for(tmp_path, rows=rows, teacher_prompt_column="short")  # the column name is configurable
+
+
+@pytest.mark.parametrize("empty", [None, ""])
+def test_empty_teacher_prompt_names_the_row(tmp_path, empty):
+    rows = kv_rows(4)
+    rows[2]["teacher_prompt"] = empty
+    with pytest.raises(ValueError, match="row 2 has an empty or None 'teacher_prompt'"):
+        trainer_for(tmp_path, rows=rows)
+
+
+def test_prompt_and_teacher_prompt_of_different_formats(tmp_path):
+    rows = kv_rows(4)
+    conversational = kv_rows(4, conversational=True)
+    mixed = [{**r, "teacher_prompt": c["teacher_prompt"]} for r, c in zip(rows, conversational)]
+    with pytest.raises(ValueError, match="'prompt' is plain text but 'teacher_prompt' is conversational"):
+        trainer_for(tmp_path, rows=mixed)
+
+
+def test_conversational_prompt_must_end_with_a_user_turn(tmp_path):
+    rows = kv_rows(4, conversational=True)
+    rows[0]["prompt"] = rows[0]["prompt"] + [{"role": "assistant", "content": "a"}]
+    with pytest.raises(ValueError, match="ends with a 'assistant' turn"):
+        trainer_for(tmp_path, rows=rows)
+
+
+def test_teacher_prompt_longer_than_prompt_warns_and_counts(tmp_path):
+    rows = [{**r, "teacher_prompt": r["prompt"] + " key a value 1 ."} for r in kv_rows(8)]
+    trainer = trainer_for(tmp_path, rows=rows, max_steps=1)
+    with pytest.warns(UserWarning, match="4 of 4 rows"):
+        trainer.train()
+    assert trainer.state.log_history[0]["opsdl/teacher_not_shorter"] == 4
+
+
+def test_overlong_prompt_under_error_policy(tmp_path):
+    trainer = trainer_for(tmp_path, max_prompt_length=10)
+    with pytest.raises(ValueError, match=r"prompt has \d+ tokens, more than max_prompt_length=10"):
+        generate(trainer)
+    trainer = trainer_for(tmp_path, max_teacher_prompt_length=3)
+    with pytest.raises(ValueError, match="max_teacher_prompt_length=3"):
+        generate(trainer)
+
+
+def test_tokenizer_without_pad_token_falls_back_to_eos(tmp_path):
+    tokenizer = tiny_tokenizer(pad=False)
+    trainer = trainer_for(tmp_path, tokenizer=tokenizer, model=tiny_model(tiny_tokenizer()), max_steps=1)
+    assert trainer.processing_class.pad_token == trainer.processing_class.eos_token
+    trainer.train()
+
+
+def test_tokenizer_without_pad_or_eos(tmp_path):
+    tokenizer = tiny_tokenizer(pad=False)
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="neither a pad token nor an eos token"):
+        trainer_for(tmp_path, tokenizer=tokenizer, model=tiny_model(tiny_tokenizer()))
+
+
+def test_conversational_data_needs_a_chat_template(tmp_path):
+    with pytest.raises(ValueError, match="no chat template"):
+        trainer_for(tmp_path, rows=kv_rows(4, conversational=True), tokenizer=tiny_tokenizer(chat_template=False))
+
+
+def test_sampled_token_and_topk_need_beta_one(tmp_path):
+    for mode in ("sampled_token", "topk_logits"):
+        with pytest.raises(ValueError, match="beta=0.5"):
+            config(tmp_path, distillation_mode=mode, beta=0.5)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("teacher_model_kind", "frozen", "teacher_model_kind='frozen'"),
+        ("distillation_mode", "kl", "distillation_mode='kl'"),
+        ("truncation_policy", "right", "truncation_policy='right'"),
+        ("teacher_ema_decay", 1.5, "teacher_ema_decay=1.5"),
+        ("loss_top_k", 0, "loss_top_k=0"),
+        ("max_prompt_length", 0, "max_prompt_length=0"),
+        ("short_prompt_ratio", 2.0, "short_prompt_ratio=2.0"),
+        ("sampled_token_clip", -1.0, "sampled_token_clip=-1.0"),
+    ],
+)
+def test_config_rejects_bad_values(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **{field: value})
+
+
+def test_distillation_config_is_refused_with_the_fix(tmp_path):
+    tokenizer = tiny_tokenizer()
+    with pytest.raises(TypeError, match="needs an OPSDLConfig"):
+        OPSDLTrainer(
+            model=tiny_model(tokenizer),
+            args=DistillationConfig(output_dir=str(tmp_path), bf16=False, report_to="none"),
+            train_dataset=Dataset.from_list(kv_rows(4)),
+            processing_class=tokenizer,
+        )
+
+
+def test_explicit_teacher_with_live_kind(tmp_path):
+    tokenizer = tiny_tokenizer()
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="explicit teacher_model"):
+        trainer_for(tmp_path, tokenizer=tokenizer, teacher_model=tiny_model(tokenizer), teacher_model_kind="live")
+
+
+def test_explicit_teacher_with_another_vocabulary(tmp_path):
+    tokenizer = tiny_tokenizer()
+    with pytest.raises(ValueError, match="vocab_size"):
+        trainer_for(tmp_path, tokenizer=tokenizer, teacher_model=tiny_model(tokenizer, vocab_size=len(tokenizer) + 7))
+
+
+def test_base_teacher_under_zero3_without_a_path(tmp_path):
+    trainer = trainer_for(tmp_path)
+    model = tiny_model(tiny_tokenizer())
+    model.config._name_or_path = ""
+    for p in model.parameters():
+        p.ds_id = 0  # what ZeRO-3 leaves on a sharded parameter: a deepcopy would copy empty shards
+    with pytest.raises(ValueError, match="no path to reload it from"):
+        frozen_copy(model, trainer.args, trainer.accelerator)
+
+
+def test_non_finite_loss(tmp_path):
+    trainer = trainer_for(tmp_path)
+    batch = generate(trainer)
+    with torch.no_grad():
+        trainer.model.model.embed_tokens.weight.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="at global step 0"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+def test_bf16_default_follows_the_hardware():
+    assert OPSDLConfig(output_dir="x", report_to="none").bf16 is (torch.cuda.is_available())
