@@ -21,7 +21,9 @@ def make_trainer(tmp_path, model, tokenizer, **config):
         save_strategy="no",
         **config,
     )
-    return OPSDLTrainer(model=model, args=args, train_dataset=Dataset.from_list(kv_rows(8)), processing_class=tokenizer)
+    return OPSDLTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(kv_rows(8)), processing_class=tokenizer
+    )
 
 
 def completion_logits(model, prompt_ids, completion_ids):
@@ -100,7 +102,12 @@ def test_loss_matches_naive_reference(tmp_path, mode, extra):
     student_ref = copy.deepcopy(trainer.model)
     student_ref.zero_grad()
     ref = naive_loss(
-        student_ref, initial, batch, mode, beta=extra.get("beta", 1.0), k=extra.get("loss_top_k", 20),
+        student_ref,
+        initial,
+        batch,
+        mode,
+        beta=extra.get("beta", 1.0),
+        k=extra.get("loss_top_k", 20),
         clip=extra.get("sampled_token_clip"),
     )
     ref.backward()

@@ -115,7 +115,9 @@ def test_training_with_accumulation_4x1_equals_1x4(tmp_path):
             shuffle_dataset=False,
         )
         trainer.train()
-        results.append((trainer.state.log_history[0]["loss"], [p.detach().clone() for p in trainer.model.parameters()]))
+        results.append(
+            (trainer.state.log_history[0]["loss"], [p.detach().clone() for p in trainer.model.parameters()])
+        )
     (loss_a, params_a), (loss_b, params_b) = results
     assert loss_a > 0.005
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
@@ -186,7 +188,12 @@ def test_base_teacher_without_peft_is_a_frozen_copy(tmp_path):
 def test_ema_teacher_update_and_checkpoint_round_trip(tmp_path, use_peft):
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if use_peft else None
     trainer = trainer_for(
-        tmp_path, teacher_model_kind="ema", teacher_ema_decay=0.5, max_steps=2, save_strategy="steps", save_steps=1,
+        tmp_path,
+        teacher_model_kind="ema",
+        teacher_ema_decay=0.5,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
         peft_config=lora,
     )
     start = [t.clone() for t in trainer.ema_teacher.state_dict()]

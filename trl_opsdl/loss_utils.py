@@ -43,7 +43,9 @@ class LMHead:
             scale = getattr(config, "lm_head_multiplier", None)
         if scale is None and getattr(config, "logits_scaling", None) is not None:
             scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
-        return cls(head.weight, head.bias, 1.0 if scale is None else scale, getattr(config, "final_logit_softcapping", None))
+        return cls(
+            head.weight, head.bias, 1.0 if scale is None else scale, getattr(config, "final_logit_softcapping", None)
+        )
 
     def logits(self, hidden_NH: torch.Tensor, temperature: float) -> torch.Tensor:
         """Plain (N, V) logits: only for small chunks and for the reference in the tests."""
@@ -119,7 +121,18 @@ def sampled_token_surrogate(
 
 
 def _topk_chunk(
-    student_hidden_NH, teacher_hidden_NH, s_weight, s_bias, t_weight, t_bias, k, temperature, s_scale, s_cap, t_scale, t_cap
+    student_hidden_NH,
+    teacher_hidden_NH,
+    s_weight,
+    s_bias,
+    t_weight,
+    t_bias,
+    k,
+    temperature,
+    s_scale,
+    s_cap,
+    t_scale,
+    t_cap,
 ):
     student_head = LMHead(s_weight, s_bias, s_scale, s_cap)
     teacher_head = LMHead(t_weight, t_bias, t_scale, t_cap)

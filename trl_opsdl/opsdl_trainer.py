@@ -241,9 +241,7 @@ class OPSDLTrainer(DistillationTrainer):
             rng = random.Random(self.args.seed * 1_000_003 + self._step)
             num_short = round(self.args.short_prompt_ratio * len(inputs))
             short_rows = set(rng.sample(range(len(inputs)), num_short))
-            inputs = [
-                {**row, "prompt": row[column]} if i in short_rows else row for i, row in enumerate(inputs)
-            ]
+            inputs = [{**row, "prompt": row[column]} if i in short_rows else row for i, row in enumerate(inputs)]
         mode = "train" if self.model.training else "eval"
         truncated_before = dict(self._truncations)
 
@@ -251,7 +249,9 @@ class OPSDLTrainer(DistillationTrainer):
 
         device = self.accelerator.device
         teacher_ids_list, _, _ = super()._tokenize_prompts(teacher_prompts)
-        teacher_ids_list = self._fit(teacher_ids_list, teacher_prompts, self.args.max_teacher_prompt_length, "teacher_prompt")
+        teacher_ids_list = self._fit(
+            teacher_ids_list, teacher_prompts, self.args.max_teacher_prompt_length, "teacher_prompt"
+        )
         teacher_ids = [torch.tensor(ids) for ids in teacher_ids_list]
         pad_id = self._tokenizer.pad_token_id
         output["teacher_prompt_ids"] = pad(teacher_ids, padding_value=pad_id, padding_side="left").to(device)
@@ -349,7 +349,9 @@ class OPSDLTrainer(DistillationTrainer):
                 teacher_logp_N, _ = loss_utils.sampled_token_logprobs(
                     teacher_hidden_NH, teacher_head, tokens_N, temperature
                 )
-            per_token_N = loss_utils.sampled_token_surrogate(student_logp_N, teacher_logp_N, self.args.sampled_token_clip)
+            per_token_N = loss_utils.sampled_token_surrogate(
+                student_logp_N, teacher_logp_N, self.args.sampled_token_clip
+            )
             exact_kl_N = None
         else:
             if mode == "full_logits":
