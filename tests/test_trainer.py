@@ -330,3 +330,17 @@ def test_explicit_teacher_state_is_untouched_after_a_copy(tmp_path):
     trainer.train()
     for a, b in zip(reference.parameters(), trainer.teacher_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_evaluate_reports_the_kl_on_an_eval_set(tmp_path):
+    tokenizer = tiny_tokenizer()
+    trainer = OPSDLTrainer(
+        model=tiny_model(tokenizer),
+        args=config(tmp_path, per_device_eval_batch_size=4),
+        train_dataset=Dataset.from_list(kv_rows(8)),
+        eval_dataset=Dataset.from_list(kv_rows(4, seed=1)),
+        processing_class=tokenizer,
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0
+    assert metrics["eval_opsdl/reverse_kl"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
