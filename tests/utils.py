@@ -89,3 +89,65 @@ def kv_rows(n: int = 8, seed: int = 0, conversational: bool = False):
             teacher_prompt = [{"role": "user", "content": teacher_prompt}]
         rows.append({"prompt": prompt, "teacher_prompt": teacher_prompt, "answers": [values[asked]]})
     return rows
+
+
+def bpe_tokenizer(texts, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts` in a blink: stands in for a real model's subword tokenizer."""
+    from tokenizers import decoders, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.padding_side = "left"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def hotpot_records():
+    """Three HotpotQA-format records (two gold paragraphs each). Only the first-hop paragraph shares words with its
+    question, except in the second record where both do; no other paragraph shares a question word."""
+    return [
+        {
+            "_id": "r0",
+            "question": "Which river flows through the capital of Zorbia?",
+            "answer": "Ansu",
+            "supporting_facts": [["Zorbia", 1], ["Kelmar", 1]],
+            "context": [
+                ["Plimb", ["Plimb is a mountain.", " It is covered in snow."]],
+                ["Zorbia", ["Zorbia is a country in the north.", " The capital of Zorbia is Kelmar."]],
+                ["Orvo", ["Orvo is a lake.", " Fish live in it."]],
+                ["Kelmar", ["Kelmar is an old town.", " The Ansu runs past its walls."]],
+            ],
+        },
+        {
+            "_id": "r1",
+            "question": "Who founded the company that makes the Tarvel phone?",
+            "answer": "Mira Sol",
+            "supporting_facts": [["Tarvel", 0], ["Quenco", 0]],
+            "context": [
+                ["Tarvel", ["The Tarvel phone is made by Quenco."]],
+                ["Gossa", ["Gossa is a green bird.", " It sings at dawn."]],
+                ["Quenco", ["Quenco was founded by Mira Sol in 1990.", " The company is based in Druna."]],
+                ["Hemmet", ["Hemmet is a card game.", " Four people play it."]],
+            ],
+        },
+        {
+            "_id": "r2",
+            "question": "What language is spoken in the birthplace of Dovan Ilk?",
+            "answer": "Brekish",
+            "supporting_facts": [["Dovan Ilk", 0], ["Sarnau", 0]],
+            "context": [
+                ["Velk", ["Velk is a small fish.", " It is silver."]],
+                ["Dovan Ilk", ["Dovan Ilk was born in Sarnau."]],
+                ["Sarnau", ["People in Sarnau speak Brekish."]],
+                ["Tamsin", ["Tamsin is a red flower.", " It opens in spring."]],
+            ],
+        },
+    ]

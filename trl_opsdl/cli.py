@@ -10,10 +10,303 @@ import sys
 # --- build-data / eval (data builders and evaluation) -------------------------------------------------------------
 
 
+def _user_errors(run):
+    """Print a bad-input error (a `ValueError` from the library: it names the value and what to do) and exit 2."""
+    import functools
+
+    @functools.wraps(run)
+    def wrapper(args):
+        try:
+            return run(args)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"trl-opsdl {args.command}: error: {error}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def _int_list(text):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_build_data(subparsers):
+    p = subparsers.add_parser("build-data", help="Build (long prompt, short teacher prompt) pairs as JSONL.")
+    kinds = p.add_subparsers(dest="kind", required=True)
+
+    r = kinds.add_parser("ruler", help="RULER-style tasks: needles, variable tracking, common/frequent words.")
+    r.add_argument("--tokenizer", required=True, help="Model or tokenizer folder: lengths are counted in its tokens.")
+    r.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe")
+    r.add_argument("--lengths", type=_int_list, default=[4096], help="Target prompt lengths (tokens), e.g. 1024,4096")
+    r.add_argument("--num-samples", type=int, default=10, help="Rows per (task, length).")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--value-type", default="numbers", choices=["numbers", "words", "uuids"])
+    r.add_argument("--filler", help="Text file used as haystack (split into sentences). Default: RULER's filler.")
+    r.add_argument("--words", help="File with one word per line for keys/values/list items. Default: made-up words.")
+    r.add_argument("--conversational", action="store_true", help="Write chat messages instead of plain prompts.")
+    r.add_argument("--output", required=True, help="Output .jsonl file.")
+    r.set_defaults(run=_run_build_ruler)
+
+    q = kinds.add_parser("qa", help="Multi-document QA with distractors from HotpotQA/MuSiQue/2Wiki records.")
+    q.add_argument("--input", required=True, help="Local .json/.jsonl/.parquet file (or a datasets id online).")
+    q.add_argument("--format", required=True, choices=["hotpotqa", "musique", "2wikimqa"])
+    q.add_argument("--tokenizer", required=True)
+    q.add_argument("--lengths", type=_int_list, default=[4096])
+    q.add_argument("--num-samples", type=int, default=None, help="Records to use (default: all).")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--split", default="train", help="Split, for a datasets id.")
+    q.add_argument("--conversational", action="store_true")
+    q.add_argument("--output", required=True)
+    q.set_defaults(run=_run_build_qa)
+
+    e = kinds.add_parser("extract", help="Short contexts for rows with context/question: evidence, BM25 or the model.")
+    e.add_argument("--input", required=True, help="Rows with context and question columns (.json/.jsonl/.parquet).")
+    e.add_argument("--extractor", default="bm25", choices=["evidence", "bm25", "self"])
+    e.add_argument("--model", help="Model folder (needed by --extractor self).")
+    e.add_argument("--tokenizer", help="Tokenizer folder (default: --model). Counts tokens and chunk sizes.")
+    e.add_argument("--top-k", type=int, default=4, help="BM25: chunks kept.")
+    e.add_argument("--chunk-size", type=int, default=128, help="BM25: chunk size in tokens.")
+    e.add_argument("--budget", type=int, default=None, help="BM25: at most this many tokens of chunks.")
+    e.add_argument("--max-new-tokens", type=int, default=256, help="self: generation budget for the quotes.")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--context-column", default="context")
+    e.add_argument("--question-column", default="question")
+    e.add_argument("--evidence-column", default="evidence")
+    e.add_argument("--conversational", action="store_true", help="Render new prompts as chat messages.")
+    e.add_argument("--output", required=True)
+    e.set_defaults(run=_run_build_extract)
+
+
+def _write_jsonl(dataset, path, tokenizer=None):
+    import json
+    import os
+
+    from trl_opsdl.data.extract import dataset_report
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    dataset.to_json(path, lines=True, force_ascii=False)
+    has_counts = "num_tokens" in dataset.column_names
+    report = dataset_report(dataset, tokenizer) if tokenizer is not None or has_counts else {}
+    report["output"] = path
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+@_user_errors
+def _run_build_ruler(args):
+    from trl_opsdl.data import build_ruler, load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    filler = None
+    if args.filler:
+        with open(args.filler, encoding="utf-8") as f:
+            filler = f.read()
+    dataset = build_ruler(
+        tokenizer,
+        tasks=args.tasks,
+        lengths=args.lengths,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        conversational=args.conversational,
+        filler=filler,
+        words=_read_lines(args.words) if args.words else None,
+        value_type=args.value_type,
+    )
+    return _write_jsonl(dataset, args.output, tokenizer)
+
+
+@_user_errors
+def _run_build_qa(args):
+    from trl_opsdl.data import build_multidoc_qa, load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    dataset = build_multidoc_qa(
+        args.input, args.format, tokenizer, lengths=args.lengths, num_samples=args.num_samples, seed=args.seed,
+        conversational=args.conversational, split=args.split,
+    )  # fmt: skip
+    return _write_jsonl(dataset, args.output, tokenizer)
+
+
+def _load_model(path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+
+
+@_user_errors
+def _run_build_extract(args):
+    from trl_opsdl.data import BM25Extractor, SelfExtractor, build_from_columns, load_tokenizer
+    from trl_opsdl.data.qa import load_records
+
+    tokenizer_path = args.tokenizer or args.model
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    if args.extractor == "self":
+        if not args.model:
+            raise ValueError("--extractor self needs --model PATH (the model quotes its own evidence).")
+        bm25 = BM25Extractor(args.top_k, args.chunk_size, args.budget, tokenizer)
+        extractor = SelfExtractor(
+            _load_model(args.model), tokenizer, args.max_new_tokens, args.batch_size, fallback=bm25, progress=True
+        )
+    elif args.extractor == "bm25":
+        extractor = BM25Extractor(args.top_k, args.chunk_size, args.budget, tokenizer)
+    else:
+        extractor = "evidence"
+    dataset = build_from_columns(
+        load_records(args.input), extractor=extractor, tokenizer=tokenizer, conversational=args.conversational,
+        context_column=args.context_column, question_column=args.question_column,
+        evidence_column=args.evidence_column,
+    )  # fmt: skip
+    if args.extractor == "self":
+        print("self-extraction:", extractor.stats)
+    return _write_jsonl(dataset, args.output, tokenizer)
+
+
+def _add_eval(subparsers):
+    p = subparsers.add_parser("eval", help="Greedy long vs short evaluation: metrics.json and a plot.")
+    p.add_argument("--model", required=True, help="Model folder.")
+    p.add_argument("--data", required=True, help="Evaluation file (.jsonl from build-data, or LongBench files).")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--tokenizer", help="Tokenizer folder (default: --model).")
+    p.add_argument("--format", default="opsdl", choices=["opsdl", "longbench", "longbench_v2"])
+    p.add_argument("--columns", default="prompt,teacher_prompt", help="Prompt columns to evaluate.")
+    p.add_argument("--metric", default="auto", help="A scorer name, or auto (per row's metric/task).")
+    p.add_argument("--group-by", default="task,length")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="Evaluate only the first N rows.")
+    p.add_argument("--max-length", type=int, default=None, help="LongBench: cut contexts in the middle to fit.")
+    p.add_argument("--extractor", default="none", choices=["none", "bm25"], help="LongBench: build teacher prompts.")
+    p.add_argument("--conversational", action="store_true", help="LongBench: render prompts as chat messages.")
+    p.set_defaults(run=_run_eval)
+
+
+@_user_errors
+def _run_eval(args):
+    import json
+
+    from trl_opsdl.data import BM25Extractor, load_tokenizer
+    from trl_opsdl.evaluation import evaluate_dataset, load_longbench, load_longbench_v2, save_results
+
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    extractor = BM25Extractor(tokenizer=tokenizer) if args.extractor == "bm25" else None
+    if args.format == "opsdl":
+        from trl_opsdl.data.qa import load_records
+
+        dataset = load_records(args.data)
+    elif args.format == "longbench":
+        dataset = load_longbench(args.data, None, tokenizer, args.max_length, args.conversational, extractor)
+    else:
+        dataset = load_longbench_v2(args.data, tokenizer, args.max_length, args.conversational, extractor)
+    results = evaluate_dataset(
+        _load_model(args.model), tokenizer, dataset, prompt_columns=[c for c in args.columns.split(",") if c],
+        metric=args.metric, group_by=[c for c in args.group_by.split(",") if c], max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, limit=args.limit, progress=True, return_predictions=True,
+    )  # fmt: skip
+    paths = save_results(results, args.output_dir)
+    summary = {column: s["overall"] for column, s in results["columns"].items()}
+    print(json.dumps({"overall": summary, "gap": results.get("gap"), "files": paths}, indent=2))
+    return 0
+
+
 # --- demo ---------------------------------------------------------------------------------------------------------
 
 
+# `DemoConfig` fields the command line can change; None keeps the documented default.
+_DEMO_OVERRIDES = {
+    "seed": int, "max_steps": int, "batch_size": int, "learning_rate": float, "temperature": float,
+    "short_prompt_ratio": float, "distillation_mode": str, "teacher_model_kind": str, "eval_examples": int,
+    "num_threads": int,
+}  # fmt: skip
+
+
+def _add_demo(subparsers):
+    p = subparsers.add_parser(
+        "demo",
+        help="OPSDL end to end on a CPU in minutes: a tiny key-value model, long-context accuracy before/after.",
+        description="Evaluates the shipped 0.8M-parameter demo model on short and long key-value retrieval, trains it "
+        "with OPSDLTrainer on long prompts, evaluates again, and writes results.json and a plot (docs/demo.md).",
+    )
+    p.add_argument("--output-dir", default="opsdl-demo", help="Where results.json and the plots go.")
+    p.add_argument("--model-path", default=None, help="Demo model folder (default: the one shipped in the package).")
+    p.add_argument(
+        "--rebuild-model",
+        action="store_true",
+        help="First pretrain the demo model from scratch (about 25 min on one core) into --model-path, or into the "
+        "package's assets folder when --model-path is not given.",
+    )
+    p.add_argument("--compare", action="store_true", help="Baselines (TRL SFT, DPO) and OPSDL variants over --seeds.")
+    p.add_argument("--ablation", action="store_true", help="What keeps short accuracy: ratio, lr, steps, LoRA.")
+    p.add_argument("--methods", default=None, help="With --compare/--ablation: comma-separated method names.")
+    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="With --compare/--ablation, e.g. 0,1,2.")
+    p.add_argument("--eval-every", type=int, default=25, help="With --compare: steps between curve points.")
+    p.add_argument("--long-pairs", type=_int_list, default=None, help="Long settings, e.g. 16,24,32.")
+    p.add_argument("--lora", action="store_true", default=None, help="Train a LoRA adapter instead of all weights.")
+    for name, kind in _DEMO_OVERRIDES.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="Default: see docs/demo.md.")
+    p.set_defaults(run=_run_demo)
+
+
+@_user_errors
+def _run_demo(args):
+    import dataclasses
+
+    from trl_opsdl import demo
+
+    overrides = {name: getattr(args, name) for name in (*_DEMO_OVERRIDES, "lora") if getattr(args, name) is not None}
+    if args.long_pairs:
+        overrides["long_pairs"] = tuple(args.long_pairs)
+    config = dataclasses.replace(
+        demo.DemoConfig(), output_dir=args.output_dir, model_path=args.model_path, **overrides
+    )
+    if args.rebuild_model:
+        target = args.model_path or str(demo.DEMO_MODEL_DIR)
+        demo.pretrain_demo_model(output_dir=target)
+        config = dataclasses.replace(config, model_path=target)
+    if args.compare or args.ablation:
+        name = "ablation" if args.ablation else "compare"
+        methods = demo.METHOD_SETS[name]
+        if args.methods:
+            wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+            unknown = [m for m in wanted if m not in methods]
+            if unknown:
+                raise ValueError(f"--methods {unknown} not in the {name} set; choose from {list(methods)}.")
+            methods = {m: methods[m] for m in wanted}
+        demo.run_compare(config, methods, seeds=tuple(args.seeds), eval_every=args.eval_every, name=name)
+    else:
+        demo.run_demo(config)
+    return 0
+
+
 # --- train (the example script) -----------------------------------------------------------------------------------
+
+
+def _add_train(subparsers):
+    # The arguments are examples/scripts/opsdl.py's (ScriptArguments, OPSDLConfig, ModelConfig): they are passed on
+    # untouched, so `trl-opsdl train --help` lists them all.
+    p = subparsers.add_parser(
+        "train",
+        add_help=False,
+        help="Train with OPSDL (the arguments of examples/scripts/opsdl.py; `trl-opsdl train --help` lists them).",
+    )
+    p.set_defaults(run=_run_train, accepts_extra=True)
+
+
+def _run_train(args, extra):
+    from trl_opsdl.train import main, make_parser
+
+    script_args, training_args, model_args = make_parser(prog="trl-opsdl train").parse_args_and_config(extra)
+    main(script_args, training_args, model_args)
+    return 0
 
 
 # --- plan (memory planner) ----------------------------------------------------------------------------------------

@@ -162,6 +162,11 @@ class OPSDLTrainer(DistillationTrainer):
             self.teacher_model = None  # the student's weights, under `teacher_context`
         self._truncations = {"prompt": 0, "teacher_prompt": 0}
         self._warned_not_shorter = False
+        # Callbacks that evaluate with the trainer's model and log through its reporters (OPSDLEvalCallback) get it
+        # here, so a user can't forget to hand it over.
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "set_trainer") and getattr(callback, "trainer", None) is None:
+                callback.set_trainer(self)
 
     # ---- input checks -------------------------------------------------------------------------------------------
 

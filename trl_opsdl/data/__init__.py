@@ -1,0 +1,30 @@
+"""Long/short pair builders: each returns a `datasets.Dataset` with `prompt`, `teacher_prompt`, `answers` and
+metadata columns, ready for `OPSDLTrainer` and `trl_opsdl.evaluation`."""
+
+from .extract import BM25Extractor, SelfExtractor, build_from_columns, dataset_report, evidence_recall, split_chunks
+from .qa import QA_FORMATS, build_multidoc_qa, load_records
+from .ruler import RULER_TASKS, build_ruler
+from .templates import count_tokens, load_tokenizer, render_prompt
+
+
+__all__ = [
+    "BM25Extractor",
+    "QA_FORMATS",
+    "RULER_TASKS",
+    "SelfExtractor",
+    "build_from_columns",
+    "build_multidoc_qa",
+    "build_ruler",
+    "count_tokens",
+    "dataset_report",
+    "evidence_recall",
+    "load_records",
+    "load_tokenizer",
+    "render_prompt",
+    "split_chunks",
+]
+# Further builders append their import below (and their names to __all__).
+from .kv import build_kv_retrieval  # noqa: E402
+
+
+__all__ += ["build_kv_retrieval"]
