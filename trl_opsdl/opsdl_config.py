@@ -66,6 +66,14 @@ class OPSDLConfig(DistillationConfig):
             Share of each batch whose student prompt is replaced by its own teacher prompt. Against a frozen `"base"`
             teacher these rows anchor the model to its initial short-context behaviour.
 
+        > Parameters that control sequence parallelism
+
+        sequence_parallel_size (`int`, *optional*, defaults to `1`):
+            Split each prompt + completion across this many consecutive ranks for the student's forward and backward
+            (DeepSpeed-Ulysses style all-to-all in attention, after generation). Generation, the teacher's short
+            forward and the loss stay whole. `1` turns it off. Needs `sdpa` or flash attention, and head counts that
+            the size divides.
+
     > [!NOTE]
     > These parameters have default values different from [`~trl.DistillationConfig`]:
     > - `disable_dropout`: defaults to `True`: the teacher is the model itself, and dropout would make it noisy.
@@ -137,6 +145,16 @@ class OPSDLConfig(DistillationConfig):
         metadata={"help": "Share of each batch whose student prompt is replaced by its teacher prompt."},
     )
 
+    # Parameters that control sequence parallelism
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "Split each prompt + completion across this many consecutive ranks for the student's forward and "
+            "backward (Ulysses, after generation; generation, the teacher forward and the loss stay whole). 1: off. "
+            "Needs attn_implementation 'sdpa' or 'flash_attention_2'."
+        },
+    )
+
     def __post_init__(self):
         # The parent turns bf16 on whenever fp16 is off, which fails on a machine without a bf16-capable GPU.
         if self.bf16 is None:
@@ -180,6 +198,11 @@ class OPSDLConfig(DistillationConfig):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be a positive number of tokens, or None for no limit.")
+        if self.sequence_parallel_size < 1:
+            raise ValueError(
+                f"sequence_parallel_size={self.sequence_parallel_size} must be at least 1 (1 turns sequence "
+                "parallelism off)."
+            )
         if not 0.0 <= self.short_prompt_ratio <= 1.0:
             raise ValueError(f"short_prompt_ratio={self.short_prompt_ratio} must be in [0, 1].")
         if self.teacher_model_kind == "live":

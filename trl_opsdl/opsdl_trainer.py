@@ -13,7 +13,7 @@ from trl import DistillationTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import pad
 
-from . import loss_utils
+from . import loss_utils, sequence_parallel
 from .opsdl_config import OPSDLConfig
 from .teacher import EMATeacher, add_ema_adapter, frozen_copy, teacher_context
 
@@ -162,6 +162,14 @@ class OPSDLTrainer(DistillationTrainer):
             self.teacher_model = None  # the student's weights, under `teacher_context`
         self._truncations = {"prompt": 0, "teacher_prompt": 0}
         self._warned_not_shorter = False
+        # Sequence parallelism splits the long student forward across `sequence_parallel_size` consecutive ranks
+        # after generation, which TRL 1.16 refuses for generating trainers (see trl_opsdl/sequence_parallel.py).
+        self._sp_group = None
+        if args.sequence_parallel_size > 1:
+            sequence_parallel.check_sequence_parallel(
+                self.accelerator.unwrap_model(self.model), args.sequence_parallel_size, self.accelerator.num_processes
+            )
+            self._sp_group = sequence_parallel.sequence_parallel_group(args.sequence_parallel_size)
         # Callbacks that evaluate with the trainer's model and log through its reporters (OPSDLEvalCallback) get it
         # here, so a user can't forget to hand it over.
         for callback in self.callback_handler.callbacks:
@@ -269,9 +277,11 @@ class OPSDLTrainer(DistillationTrainer):
             is_eos = torch.isin(output["completion_ids"], torch.tensor(self.eos_token_ids, device=device))
             loss_mask = loss_mask * (~is_eos).long()
         output["loss_mask"] = loss_mask
+        if self._sp_group is not None:  # the sequence-parallel group trains on its first rank's sequences
+            output = sequence_parallel.sp_broadcast_batch(output, self._sp_group, device)
         # The loss is a sum over tokens divided by the global number of loss tokens (all ranks, all micro-batches of
         # this generation batch), so gradient accumulation 4x1 and 1x4 give the same update.
-        output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        output["num_items_in_batch"] = self.accelerator.gather(output["loss_mask"].sum()).sum()
 
         prompt_lengths = self.accelerator.gather(output["prompt_mask"].sum(1)).float()
         teacher_lengths = self.accelerator.gather(output["teacher_prompt_mask"].sum(1)).float()
@@ -334,7 +344,14 @@ class OPSDLTrainer(DistillationTrainer):
         teacher_hidden_BKH, teacher_module = self._teacher_hidden_states(unwrapped_student, inputs, logits_to_keep)
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids_BK], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        student_hidden_BKH = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep)
+        if self._sp_group is not None:  # each rank of the group runs one slice of the long sequence (Ulysses)
+            student_hidden_BKH = sequence_parallel.sp_student_hidden_states(
+                unwrapped_student, input_ids, attention_mask, logits_to_keep, self._sp_group
+            )
+        else:
+            student_hidden_BKH = self._get_last_hidden_state(
+                unwrapped_student, input_ids, attention_mask, logits_to_keep
+            )
 
         student_head = loss_utils.LMHead.from_model(unwrapped_student)
         teacher_head = loss_utils.LMHead.from_model(teacher_module)

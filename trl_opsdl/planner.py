@@ -1,0 +1,574 @@
+"""Per-GPU memory planner for an OPSDL run: which configuration fits before any GPU is rented.
+
+The estimate follows the real `OPSDLTrainer` step, phase by phase:
+
+1. generation: the long prompt + completion, whole on every rank (KV cache, one prefill layer at a time);
+2. teacher no-grad forward on the short prompt + the same completion (one layer's temporaries at a time);
+3. student forward on prompt + completion, activations kept for the backward (all of them, or one checkpoint per
+   layer with gradient checkpointing), split `sp_size` ways with sequence parallelism;
+4. the chunked loss (TRL's `ChunkedDivergenceFunction`): `[min(N, 4096), 32768]` fp32 tiles over the `N` completion
+   positions, never the `[N, vocab]` logits;
+5. backward (the loss's fp32 `lm_head` gradient, then the backbone, one recomputed layer at a time with
+   checkpointing);
+6. optimizer step.
+
+The peak is the largest phase. Per-token activation sizes are those autograd saves for a Llama/Qwen2-style decoder
+layer with SDPA/flash attention (counted with `saved_tensors_hooks` on CPU: 73,324 predicted vs 73,273 bytes/token
+measured for the 4-layer calibration model). Weights, gradients and optimizer states follow the ZeRO paper's
+accounting (bf16 weights and gradients, fp32 master weights + Adam moments under DeepSpeed). What is measured and
+what is assumed is listed in docs/long_context.md.
+"""
+
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from itertools import product
+from math import log2
+
+
+GIB = 2**30
+TOKEN_CHUNK_SIZE = 4096  # rows of a loss tile (trl.kernels.chunked_divergence.TOKEN_CHUNK_SIZE)
+VOCAB_CHUNK_SIZE = 32768  # columns of a loss tile (trl.kernels.chunked_divergence.VOCAB_CHUNK_SIZE)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+TEACHER_KINDS = ("base", "live", "ema")
+DEVICES = ("cuda", "cpu")
+# How generation runs: HF generate with the ZeRO-3 shards gathered into a whole model (TRL's default
+# `ds3_gather_for_generation=True`), HF generate gathering layer by layer (`ds3_gather_for_generation=False`), or a
+# vLLM server on other GPUs (`use_vllm=True, vllm_mode="server"`: nothing generated on the training GPUs).
+GENERATION_MODES = ("gathered", "sharded", "vllm-server")
+# CUDA context, NCCL and cuBLAS workspaces (fixed), plus an allowance for allocator fragmentation (share of the GPU).
+CUDA_RESERVE_BYTES = 2 * GIB
+FRAGMENTATION_SHARE = 0.05
+# A suggested configuration must also leave this share of the GPU free: the GPU-side accounting is not yet measured.
+SUGGESTION_HEADROOM = 0.10
+# Tile-sized temporaries of the CPU (non-Triton) fallback of TRL's chunked loss, counted from
+# `_stats_tile` / `_backward_tile` and confirmed by the profiler (forward 6, backward 9, besides the two tile buffers).
+CPU_LOSS_FORWARD_TEMPORARIES = 6
+CPU_LOSS_BACKWARD_TEMPORARIES = 9
+# Relative step-time cost of each memory-saving switch, used only to rank the configurations that fit.
+COST_GRADIENT_CHECKPOINTING = 1.33  # one extra forward
+COST_ZERO3 = 1.10  # parameter all-gathers in forward and backward
+COST_OFFLOAD = 1.60  # optimizer (and parameters) over PCIe
+COST_SP_PER_DOUBLING = 0.05  # attention all-to-alls
+COST_SHARDED_GENERATION = 1.5  # a parameter all-gather per layer per generated token
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs of a decoder-only model, read from its config."""
+
+    name: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tied_embeddings: bool
+    num_params: int
+    layer_params: int
+    lm_head_params: int
+    # (in_features, out_features) of every linear layer inside one decoder layer, for LoRA on all of them
+    layer_linears: tuple = ()
+    sliding_window_layers: bool = False
+
+    def lora_params(self, rank: int) -> int:
+        """Trainable parameters of LoRA with `rank` on every linear projection of every decoder layer."""
+        return self.num_layers * sum(rank * (n_in + n_out) for n_in, n_out in self.layer_linears)
+
+
+def model_shape_from_config(config, name: str = "model") -> ModelShape:
+    """Build a `ModelShape` from a transformers config: parameter counts from the model built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    text = config.get_text_config()
+    for attribute in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if getattr(text, attribute, None) is None:
+            raise ValueError(
+                f"{name}: config.json has no `{attribute}`. The planner models dense decoder-only transformers "
+                "(Llama, Qwen2, Mistral, ...); give it such a model's config."
+            )
+    if getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None):
+        raise ValueError(
+            f"{name}: a mixture-of-experts model ({text.model_type}); the planner models dense decoder-only "
+            "transformers only."
+        )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    num_params = sum(p.numel() for p in model.parameters())
+    layers = model.get_decoder().layers
+    layer_params = sum(p.numel() for p in layers[0].parameters())
+    lm_head = model.get_output_embeddings()
+    layer_linears = tuple(
+        (module.in_features, module.out_features)
+        for module in layers[0].modules()
+        if isinstance(module, torch.nn.Linear)
+    )
+    num_heads = text.num_attention_heads
+    return ModelShape(
+        name=name,
+        model_type=text.model_type,
+        hidden_size=text.hidden_size,
+        num_layers=text.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or num_heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // num_heads,
+        intermediate_size=text.intermediate_size,
+        vocab_size=text.vocab_size,
+        tied_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+        num_params=num_params,
+        layer_params=layer_params,
+        lm_head_params=lm_head.weight.numel(),
+        layer_linears=layer_linears,
+        sliding_window_layers="sliding_attention" in (getattr(text, "layer_types", None) or ()),
+    )
+
+
+@lru_cache(maxsize=8)
+def load_model_shape(model: str) -> ModelShape:
+    """Read `config.json` of a local folder (or a hub id, where a network exists) into a `ModelShape`."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not read a model config from {model!r}: {error}. Pass a folder containing config.json, or a hub "
+            "id on a machine with network access."
+        ) from error
+    return model_shape_from_config(config, name=model)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The run to plan: sequence lengths, parallelism and precision. Lengths are in tokens."""
+
+    context_length: int  # the long student prompt
+    completion_length: int = 512  # DistillationConfig.max_completion_length
+    teacher_context_length: int | None = None  # the short teacher prompt; None: an eighth of the context
+    batch_size: int = 1  # per_device_train_batch_size
+    gradient_accumulation_steps: int = 1
+    # Sequences generated at once per GPU. None: TRL's, batch_size x gradient_accumulation_steps (DistillationTrainer
+    # generates a whole accumulation window in one `generate` call).
+    generation_batch_size: int | None = None
+    num_gpus: int = 8
+    gpu_memory_gib: float = 80.0
+    zero_stage: int = 3  # 0: no DeepSpeed (single process or DDP)
+    offload: bool = False  # ZeRO optimizer offload to CPU (ZeRO-3: parameters too)
+    lora_rank: int | None = None
+    sp_size: int = 1
+    gradient_checkpointing: bool = True
+    dtype: str = "bf16"
+    device: str = "cuda"
+    teacher_kind: str = "base"
+    generation: str = "gathered"
+    prefill_chunk_size: int | None = None  # generation_kwargs={"prefill_chunk_size": N}: the prompt N tokens at a time
+
+    @property
+    def teacher_length(self) -> int:
+        return self.teacher_context_length if self.teacher_context_length is not None else self.context_length // 8
+
+    def flags(self) -> str:
+        """The `trl-opsdl plan` arguments that describe this run's parallelism and memory switches."""
+        parts = [f"--num-gpus {self.num_gpus}", f"--zero-stage {self.zero_stage}"]
+        if self.offload:
+            parts.append("--offload")
+        if self.sp_size > 1:
+            parts.append(f"--sp-size {self.sp_size}")
+        if self.lora_rank:
+            parts.append(f"--lora-rank {self.lora_rank}")
+        parts.append("--gradient-checkpointing" if self.gradient_checkpointing else "--no-gradient-checkpointing")
+        if self.generation != "gathered":
+            parts.append(f"--generation {self.generation}")
+        if self.prefill_chunk_size:
+            parts.append(f"--prefill-chunk-size {self.prefill_chunk_size}")
+        return " ".join(parts)
+
+    def describe(self) -> str:
+        zero = (
+            "no DeepSpeed"
+            if self.zero_stage == 0
+            else f"ZeRO-{self.zero_stage}" + (" + offload" if self.offload else "")
+        )
+        training = f"LoRA r={self.lora_rank}" if self.lora_rank else "full fine-tuning"
+        checkpointing = "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing"
+        sp = f", sequence parallel {self.sp_size}" if self.sp_size > 1 else ""
+        generation = "" if self.generation == "gathered" else f", generation {self.generation}"
+        if self.prefill_chunk_size:
+            generation += f", prefill in chunks of {self.prefill_chunk_size}"
+        return f"{self.num_gpus} GPU(s), {zero}, {training}, {checkpointing}{sp}{generation}"
+
+
+@dataclass
+class Plan:
+    """A memory estimate: per-component bytes, per-phase peaks, and the verdict against the per-GPU budget."""
+
+    model: ModelShape
+    run: RunShape
+    components: dict = field(default_factory=dict)  # name -> bytes per GPU
+    phases: dict = field(default_factory=dict)  # name -> peak bytes per GPU during that phase
+    activations_other: float = 0.0  # activations with the other gradient-checkpointing setting
+    reserve: float = 0.0
+
+    @property
+    def peak(self) -> float:
+        return max(self.phases.values())
+
+    @property
+    def budget(self) -> float:
+        return self.run.gpu_memory_gib * GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.peak + self.reserve <= self.budget
+
+    @property
+    def fits_with_headroom(self) -> bool:
+        return self.peak + self.reserve <= (1 - SUGGESTION_HEADROOM) * self.budget
+
+
+def validate_run(model: ModelShape, run: RunShape) -> None:
+    """Refuse shapes the planner (or OPSDL) cannot serve, saying what to change."""
+    positive = {
+        "context_length": run.context_length,
+        "completion_length": run.completion_length,
+        "batch_size": run.batch_size,
+        "gradient_accumulation_steps": run.gradient_accumulation_steps,
+        "num_gpus": run.num_gpus,
+        "sp_size": run.sp_size,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{name}={value} must be at least 1.")
+    if run.teacher_context_length is not None and run.teacher_context_length < 1:
+        raise ValueError(f"teacher_context_length={run.teacher_context_length} must be at least 1 token.")
+    if run.gpu_memory_gib <= 0:
+        raise ValueError(f"gpu_memory_gib={run.gpu_memory_gib} must be positive (e.g. 80 for an H100 80GB).")
+    if run.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage={run.zero_stage} must be 0 (no DeepSpeed), 1, 2 or 3.")
+    if run.offload and run.zero_stage == 0:
+        raise ValueError("offload needs DeepSpeed ZeRO: pass --zero-stage 2 or 3 with --offload.")
+    if run.lora_rank is not None and run.lora_rank < 1:
+        raise ValueError(f"lora_rank={run.lora_rank} must be at least 1, or left out for full fine-tuning.")
+    if run.dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype={run.dtype!r} is not one of {tuple(DTYPE_BYTES)}.")
+    if run.device not in DEVICES:
+        raise ValueError(f"device={run.device!r} is not one of {DEVICES}.")
+    if run.teacher_kind not in TEACHER_KINDS:
+        raise ValueError(f"teacher_kind={run.teacher_kind!r} is not one of {TEACHER_KINDS}.")
+    if run.prefill_chunk_size is not None and run.prefill_chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size={run.prefill_chunk_size} must be at least 1 token, or None.")
+    if run.generation not in GENERATION_MODES:
+        raise ValueError(f"generation={run.generation!r} is not one of {GENERATION_MODES}.")
+    if run.num_gpus % run.sp_size:
+        raise ValueError(
+            f"sp_size={run.sp_size} must divide num_gpus={run.num_gpus}: each sequence-parallel group is sp_size GPUs."
+        )
+    if run.sp_size > 1:
+        problem = sequence_parallel_problem(model, run.sp_size)
+        if problem:
+            raise ValueError(problem)
+
+
+def sequence_parallel_problem(model: ModelShape, sp_size: int) -> str | None:
+    """Why `sp_size` cannot split this model's attention heads (Ulysses splits heads across the group), or None."""
+    from trl_opsdl.sequence_parallel import head_split_problem
+
+    problem = head_split_problem(model.num_heads, model.num_kv_heads, sp_size, model.name)
+    if problem is None and model.sliding_window_layers:
+        problem = f"{model.name} has sliding-window attention layers, which sequence parallelism does not serve."
+    return problem
+
+
+def activation_bytes(model: ModelShape, run: RunShape, tokens: int, checkpointed: bool) -> tuple:
+    """Bytes autograd keeps from the student forward over `tokens` tokens, and one decoder layer's share."""
+    b = DTYPE_BYTES[run.dtype]
+    h, i, hd = model.hidden_size, model.intermediate_size, model.head_dim
+    # Keys/values are saved with their own head count when attention runs without a padding mask (GQA kernels);
+    # with padding (batch > 1) transformers' SDPA path repeats them to the query head count first.
+    kv_heads = model.num_kv_heads if run.batch_size == 1 else model.num_heads
+    # RMSNorm keeps its fp32 input and its normalized output, and the projections after it keep that output: x2 norms
+    norms = 2 * (4 * h + 2 * b * h + 4)
+    # q and k after RoPE, v, the attention output (shared with o_proj's input) and the fp32 log-sum-exp per head
+    attention = b * (2 * model.num_heads * hd + 2 * kv_heads * hd) + 4 * model.num_heads
+    if run.sp_size > 1:
+        attention += b * model.num_heads * hd  # o_proj keeps the output after the all-to-all, a separate copy
+    mlp = 4 * b * i  # gate and up outputs, the activation, and the product fed to down_proj
+    per_layer = norms + attention + mlp
+    # Shared across layers: input ids (int64), RoPE cos/sin, the final norm, the last hidden state held for the loss
+    shared = 8 + 2 * b * hd + (4 * h + b * h) + b * h
+    kept_per_layer = b * h if checkpointed else per_layer  # with checkpointing, each layer keeps only its input
+    return tokens * (model.num_layers * kept_per_layer + shared), tokens * per_layer
+
+
+def _no_grad_forward_bytes(model: ModelShape, run: RunShape, tokens: int) -> float:
+    """Largest temporaries of a no-grad forward (the teacher's, HF generate's prefill): one layer's at a time.
+
+    Two hidden-state copies (residual and normed), the MLP's activation, up and product, and RoPE's cos/sin: measured
+    on CPU at 10,779 bytes/token for the calibration model, 10,752 predicted.
+    """
+    b = DTYPE_BYTES[run.dtype]
+    return tokens * (4 * b * model.hidden_size + 3 * b * model.intermediate_size + 2 * b * model.head_dim)
+
+
+def _prefill_bytes(model: ModelShape, run: RunShape, batch: int, total_tokens: int) -> float:
+    """Largest temporaries of HF generate's prefill: the whole prompt's no-grad forward, or with `prefill_chunk_size`
+    one chunk's, plus the `[chunk, cache]` mask each chunk attends through (bool, and its float copy inside SDPA) and
+    the copy `torch.cat` makes of one layer's growing cache (measured on CPU within 3%)."""
+    b = DTYPE_BYTES[run.dtype]
+    hd = model.head_dim
+    chunk = min(run.context_length, run.prefill_chunk_size or run.context_length)
+    transient = _no_grad_forward_bytes(model, run, batch * chunk)
+    if chunk < run.context_length:
+        transient += batch * chunk * total_tokens * 5  # the mask, bool + float
+        transient += batch * 2 * model.num_kv_heads * hd * b * total_tokens  # one layer's cache, copied by torch.cat
+    return transient
+
+
+def _loss_bytes(model: ModelShape, run: RunShape, lm_head_trainable: bool) -> tuple:
+    """Forward and backward bytes of TRL's chunked divergence over the completion positions (unsplit by SP)."""
+    b = DTYPE_BYTES[run.dtype]
+    n = run.batch_size * run.completion_length  # CPU projects every position; GPU the valid ones (at most this)
+    rows = min(n, TOKEN_CHUNK_SIZE)
+    buffer = rows * VOCAB_CHUNK_SIZE * 4  # one fp32 tile buffer (student or teacher)
+    temporary = rows * min(model.vocab_size, VOCAB_CHUNK_SIZE) * 4
+    saved = 2 * n * model.hidden_size * b  # the flattened student and teacher hidden states
+    grad_hidden = n * model.hidden_size * 4  # accumulated in fp32
+    grad_weight = model.lm_head_params * (4 + (b if b < 4 else 0)) if lm_head_trainable else 0  # fp32, then cast
+    if run.device == "cpu":
+        forward = 2 * buffer + CPU_LOSS_FORWARD_TEMPORARIES * temporary
+        backward = 2 * buffer + CPU_LOSS_BACKWARD_TEMPORARIES * temporary
+    else:
+        forward = 2 * buffer
+        backward = 2 * buffer + (rows * VOCAB_CHUNK_SIZE * b if b < 4 else 0)  # the tile cast back to bf16
+    return saved + forward, saved + backward + grad_hidden + grad_weight
+
+
+def estimate(model: ModelShape, run: RunShape) -> Plan:
+    """Per-GPU memory of one OPSDL training step (steady state: optimizer states already allocated)."""
+    validate_run(model, run)
+    b = DTYPE_BYTES[run.dtype]
+    n_gpus = run.num_gpus
+    zero, offload = run.zero_stage, run.offload
+    psi = model.num_params
+    lora = run.lora_rank is not None
+
+    # --- weights, gradients, optimizer states (the ZeRO paper's accounting) ---
+    if zero == 3:
+        weights = 0 if offload else psi * b / n_gpus
+    else:
+        weights = psi * b
+    if lora:
+        trainable = model.lora_params(run.lora_rank)
+        # PEFT keeps adapters in fp32: weights, gradients and two Adam moments, 16 bytes per parameter
+        weights += 4 * trainable
+        gradients = 4 * trainable
+        optimizer = 8 * trainable
+        resident_gradients = True
+    else:
+        master = 4 if b < 4 else 0  # DeepSpeed keeps an fp32 master copy of half-precision weights
+        if zero == 0:
+            gradients = psi * b  # allocated during the backward, freed after the step
+            optimizer = 2 * psi * b  # torch AdamW keeps its moments in the parameters' dtype
+            resident_gradients = False
+        else:
+            gradients = psi * b / n_gpus if zero >= 2 else psi * b
+            optimizer = 0 if offload else psi * (8 + master) / n_gpus
+            resident_gradients = True
+    # ZeRO-3 gathers a couple of layers at a time, and the whole lm_head for the chunked loss
+    zero3_gathered = (2 * model.layer_params + model.lm_head_params) * b if zero == 3 else 0
+
+    # --- teacher weights ---
+    if run.teacher_kind == "live" or (run.teacher_kind == "base" and lora):
+        teacher_weights = 0  # the student's own weights (with PEFT: adapters disabled)
+    else:
+        teacher_weights = psi * b / n_gpus if zero == 3 else psi * b  # a frozen copy (or the EMA copy)
+
+    # --- activations and the forward passes ---
+    student_tokens = run.batch_size * (run.context_length + run.completion_length)
+    local_tokens = -(-student_tokens // run.sp_size)  # sequence parallelism splits the student sequence
+    activations, layer_activations = activation_bytes(model, run, local_tokens, run.gradient_checkpointing)
+    activations_other, _ = activation_bytes(model, run, local_tokens, not run.gradient_checkpointing)
+    recompute = layer_activations if run.gradient_checkpointing else 0
+    backward_transient = local_tokens * b * model.hidden_size  # gradient of the hidden states between layers
+    teacher_tokens = run.batch_size * (run.teacher_length + run.completion_length)
+    teacher_forward = _no_grad_forward_bytes(model, run, teacher_tokens)
+    teacher_hidden = teacher_tokens * model.hidden_size * b
+    lm_head_trainable = not lora
+    loss_forward, loss_backward = _loss_bytes(model, run, lm_head_trainable)
+    if run.sp_size > 1:
+        # every SP rank gathers the completion hidden states for the (unsplit) loss
+        loss_forward += run.batch_size * run.completion_length * model.hidden_size * b
+
+    # --- generation: whole sequences on every rank ---
+    generation_batch = run.generation_batch_size or run.batch_size * run.gradient_accumulation_steps
+    generated_tokens = run.context_length + run.completion_length
+    kv_cache = 2 * model.num_layers * model.num_kv_heads * model.head_dim * b * generated_tokens * generation_batch
+    prefill = _prefill_bytes(model, run, generation_batch, generated_tokens)
+    last_logits = generation_batch * model.vocab_size * 4
+    if run.generation == "vllm-server":
+        kv_cache = prefill = last_logits = 0
+    if zero == 3:
+        # the whole model (`ds3_gather_for_generation=True`), or a couple of layers at a time
+        gathered_for_generation = psi * b - weights if run.generation == "gathered" else zero3_gathered
+    else:
+        gathered_for_generation = 0
+
+    resident = weights + teacher_weights + optimizer + (gradients if resident_gradients else 0)
+    training = resident + zero3_gathered
+    lm_head_grad = 0 if (lora or resident_gradients) else model.lm_head_params * b
+    phases = {
+        "generation": resident + gathered_for_generation + kv_cache + prefill + last_logits,
+        # OPSDLTrainer runs the teacher first, so its temporaries never meet the student's activations
+        "teacher forward": training + teacher_forward,
+        "loss": training + activations + teacher_hidden + loss_forward,
+        "backward": training
+        + max(
+            activations + loss_backward,  # the loss backward, before the backbone's
+            activations + recompute + lm_head_grad + backward_transient,  # the last layer's backward
+            (0 if resident_gradients else gradients) + layer_activations + backward_transient,  # the first layer's
+        ),
+        "optimizer step": resident + (0 if resident_gradients else gradients),
+    }
+    components = {
+        "weights (student)": weights,
+        "weights (teacher)": teacher_weights,
+        "gradients": gradients,
+        "optimizer states": optimizer,
+        "ZeRO-3 gathered parameters": zero3_gathered,
+        "activations": activations,
+        "recomputed layer (checkpointing)": recompute,
+        "chunked loss": max(loss_forward, loss_backward),
+        "teacher forward": teacher_forward + teacher_hidden,
+        "generation KV cache": kv_cache,
+        "generation prefill": prefill + last_logits + gathered_for_generation,
+    }
+    reserve = CUDA_RESERVE_BYTES + FRAGMENTATION_SHARE * run.gpu_memory_gib * GIB if run.device == "cuda" else 0
+    return Plan(model, run, components, phases, activations_other, reserve)
+
+
+def _relative_cost(run: RunShape) -> float:
+    cost = 1.0
+    if run.gradient_checkpointing:
+        cost *= COST_GRADIENT_CHECKPOINTING
+    if run.zero_stage == 3:
+        cost *= COST_ZERO3
+    if run.offload:
+        cost *= COST_OFFLOAD
+    if run.sp_size > 1:
+        cost *= 1 + COST_SP_PER_DOUBLING * log2(run.sp_size)
+    if run.generation == "sharded":
+        cost *= COST_SHARDED_GENERATION
+    return cost
+
+
+def candidate_runs(model: ModelShape, run: RunShape, max_gpus: int = 64):
+    """Configurations that differ from `run` only in memory switches (and, last, in GPU count or LoRA)."""
+    stages = sorted({run.zero_stage, 2, 3}) if run.device == "cuda" else [run.zero_stage]
+    gpu_counts = [run.num_gpus]
+    while gpu_counts[-1] * 2 <= max(max_gpus, run.num_gpus):
+        gpu_counts.append(gpu_counts[-1] * 2)
+    loras = [run.lora_rank] if run.lora_rank else [None, 16]
+    chunks = sorted({run.prefill_chunk_size or 0, 0 if run.context_length <= 4096 else 4096})
+    for lora_rank in loras:
+        for num_gpus in gpu_counts:
+            for zero in stages:
+                generations = (
+                    {run.generation, "sharded"} if zero == 3 and run.generation != "vllm-server" else {run.generation}
+                )
+                for offload, checkpointing, generation, chunk in product(
+                    [False, True] if zero else [False], (False, True), sorted(generations), chunks
+                ):
+                    for sp in range(1, num_gpus + 1):
+                        if num_gpus % sp or (sp > 1 and sequence_parallel_problem(model, sp)):
+                            continue
+                        yield replace(
+                            run,
+                            num_gpus=num_gpus,
+                            zero_stage=zero,
+                            offload=offload,
+                            gradient_checkpointing=checkpointing,
+                            sp_size=sp,
+                            lora_rank=lora_rank,
+                            generation=generation,
+                            prefill_chunk_size=chunk or None,
+                        )
+
+
+def cheapest_fit(model: ModelShape, run: RunShape, max_gpus: int = 64) -> Plan | None:
+    """The configuration that fits with `SUGGESTION_HEADROOM` to spare, keeping the user's training type if any does,
+    on the fewest GPUs, at the lowest relative step cost."""
+    best, best_key = None, None
+    for candidate in candidate_runs(model, run, max_gpus):
+        plan = estimate(model, candidate)
+        if not plan.fits_with_headroom:
+            continue
+        key = (candidate.lora_rank != run.lora_rank, candidate.num_gpus, _relative_cost(candidate), plan.peak)
+        if best_key is None or key < best_key:
+            best, best_key = plan, key
+    return best
+
+
+def format_plan(plan: Plan, suggestion: Plan | None = None) -> str:
+    """The per-component breakdown, the phase peaks and the verdict, as `trl-opsdl plan` prints them."""
+    model, run = plan.model, plan.run
+
+    def gib(value):
+        return f"{value / GIB:9.2f}"
+
+    lines = [
+        f"Model: {model.name} ({model.model_type}, {model.num_params / 1e9:.2f}B parameters, {model.num_layers} layers, "
+        f"hidden {model.hidden_size}, vocab {model.vocab_size})",
+        f"Run: student prompt {run.context_length} + completion {run.completion_length} tokens, teacher prompt "
+        f"{run.teacher_length} tokens, batch {run.batch_size} x {run.gradient_accumulation_steps} accumulation steps "
+        f"(generated together), {run.dtype} on {run.device}, teacher '{run.teacher_kind}'",
+        f"Parallelism: {run.describe()}",
+        "",
+        "Per-GPU memory by component (GiB):",
+    ]
+    with_checkpointing, without_checkpointing = (
+        (plan.components["activations"], plan.activations_other)
+        if run.gradient_checkpointing
+        else (plan.activations_other, plan.components["activations"])
+    )
+    for name, value in plan.components.items():
+        if name == "activations":
+            for label, amount, used in (
+                ("with gradient checkpointing", with_checkpointing, run.gradient_checkpointing),
+                ("without gradient checkpointing", without_checkpointing, not run.gradient_checkpointing),
+            ):
+                lines.append(f"  {'activations, ' + label:42s}{gib(amount)}" + ("   <- this run" if used else ""))
+            continue
+        note = ""
+        if name == "weights (teacher)":
+            note = "   (shared with the student)" if value == 0 else "   (frozen copy)"
+        lines.append(f"  {name:42s}{gib(value)}{note}")
+    lines += ["", "Peak by phase (GiB):"]
+    for name, value in plan.phases.items():
+        lines.append(f"  {name:42s}{gib(value)}")
+    peak_phase = max(plan.phases, key=plan.phases.get)
+    lines.append(
+        f"  {'+ runtime reserve, added to the peak':42s}{gib(plan.reserve)}   (CUDA context, NCCL, fragmentation)"
+    )
+    total = plan.peak + plan.reserve
+    lines += [
+        "",
+        f"Peak: {total / GIB:.2f} GiB per GPU ({peak_phase}) of {run.gpu_memory_gib:g} GiB: "
+        + ("FITS" if plan.fits else "DOES NOT FIT"),
+    ]
+    if suggestion is None:
+        lines.append(
+            f"No configuration with up to 64 GPUs fits with {SUGGESTION_HEADROOM:.0%} to spare; shorten the context, "
+            "generate with a vLLM server (--generation vllm-server) or use larger GPUs."
+        )
+    elif suggestion.run == run:
+        lines.append(f"This is already the cheapest configuration that fits with {SUGGESTION_HEADROOM:.0%} to spare.")
+    else:
+        lines.append(
+            f"Cheapest configuration that fits with {SUGGESTION_HEADROOM:.0%} to spare: {suggestion.run.describe()} -> "
+            f"{(suggestion.peak + suggestion.reserve) / GIB:.2f} GiB per GPU"
+        )
+        lines.append(f"  trl-opsdl plan ... {suggestion.run.flags()}")
+    return "\n".join(lines)
