@@ -8,7 +8,7 @@ from datasets import Dataset
 
 from tests.utils import kv_rows, tiny_model, tiny_tokenizer
 from trl_opsdl import OPSDLConfig, OPSDLTrainer
-from trl_opsdl.loss_utils import LMHead, full_logits_divergence, topk_reverse_kl
+from trl_opsdl.loss_utils import LMHead, chunked_divergence, full_logits_divergence
 
 
 def make_trainer(tmp_path, model, tokenizer, **config):
@@ -118,21 +118,47 @@ def test_loss_matches_naive_reference(tmp_path, mode, extra):
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=f"gradient of {name}")
 
 
-def test_chunked_topk_equals_unchunked_and_full_kl_equals_plain():
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.3])
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_full_logits_divergence_equals_plain_kl_for_both_implementations(beta, use_kernel):
+    # TRL's fused kernel (used on Triton devices) and the chunked torch path (elsewhere) against plain logits.
     torch.manual_seed(0)
     h_s = torch.randn(7, 8, requires_grad=True)
     h_t = torch.randn(7, 8)
-    head_s = LMHead(torch.randn(50, 8, requires_grad=True))
-    head_t = LMHead(torch.randn(50, 8))
-    one, _ = topk_reverse_kl(h_s, h_t, head_s, head_t, k=4, chunk_size=100)
+    tokens = torch.randint(0, 50, (7,))
+    head_s, head_t = LMHead(torch.randn(50, 8)), LMHead(torch.randn(50, 8))
+    div, entropy, s_tok, t_tok = full_logits_divergence(
+        h_s, h_t, head_s, head_t, tokens, beta=beta, temperature=0.7, chunk_size=3, use_kernel=use_kernel
+    )
+    (grad,) = torch.autograd.grad(div.sum(), h_s)
+    s_logp = torch.log_softmax(head_s.logits(h_s, 0.7), -1)
+    t_logp = torch.log_softmax(head_t.logits(h_t, 0.7), -1)
+    s_p, t_p = s_logp.exp(), t_logp.exp()
+    if beta == 1.0:
+        expected = (s_p * (s_logp - t_logp)).sum(-1)
+    elif beta == 0.0:
+        expected = (t_p * (t_logp - s_logp)).sum(-1)
+    else:
+        m = torch.log((1 - beta) * s_p + beta * t_p)
+        expected = beta * (t_p * (t_logp - m)).sum(-1) + (1 - beta) * (s_p * (s_logp - m)).sum(-1)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), h_s)
+    torch.testing.assert_close(div, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(entropy, -(s_p * s_logp).sum(-1), rtol=1e-5, atol=1e-6)
+    if not use_kernel:  # the torch path also returns the sampled tokens' log-probs, saving two passes
+        torch.testing.assert_close(s_tok, s_logp.gather(-1, tokens[:, None])[:, 0])
+        torch.testing.assert_close(t_tok, t_logp.gather(-1, tokens[:, None])[:, 0])
+
+
+def test_chunking_does_not_change_topk_values_or_gradients():
+    torch.manual_seed(0)
+    h_s = torch.randn(7, 8, requires_grad=True)
+    h_t = torch.randn(7, 8)
+    tokens = torch.randint(0, 50, (7,))
+    head_s, head_t = LMHead(0.3 * torch.randn(50, 8)), LMHead(0.3 * torch.randn(50, 8))
+    one, *_ = chunked_divergence(h_s, h_t, head_s, head_t, tokens, top_k=4, chunk_size=100)
     (g_one,) = torch.autograd.grad(one.sum(), h_s)
-    chunked, _ = topk_reverse_kl(h_s, h_t, head_s, head_t, k=4, chunk_size=2)
+    chunked, *_ = chunked_divergence(h_s, h_t, head_s, head_t, tokens, top_k=4, chunk_size=2)
     (g_chunked,) = torch.autograd.grad(chunked.sum(), h_s)
     torch.testing.assert_close(one, chunked)
     torch.testing.assert_close(g_one, g_chunked)
-
-    kl, entropy = full_logits_divergence(h_s, h_t, head_s, head_t, beta=1.0, temperature=0.7)
-    s_logp = torch.log_softmax(head_s.logits(h_s, 0.7), -1)
-    t_logp = torch.log_softmax(head_t.logits(h_t, 0.7), -1)
-    torch.testing.assert_close(kl, (s_logp.exp() * (s_logp - t_logp)).sum(-1), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(entropy, -(s_logp.exp() * s_logp).sum(-1), rtol=1e-5, atol=1e-6)

@@ -74,8 +74,9 @@ def opsdl_loss(model, student_hidden_BKH, batch):
         teacher_hidden_BKH = reference_hidden(model, batch["teacher_input_ids"], batch["teacher_attention_mask"], k)
     valid_BK = batch["completion_mask"].bool()
     head = loss_utils.LMHead.from_model(model)
-    per_token_N, _ = loss_utils.full_logits_divergence(
-        student_hidden_BKH[valid_BK], teacher_hidden_BKH[valid_BK], head, head, beta=1.0
+    tokens_N = batch["completion_ids"][valid_BK]
+    per_token_N, *_ = loss_utils.full_logits_divergence(
+        student_hidden_BKH[valid_BK], teacher_hidden_BKH[valid_BK], head, head, tokens_N, beta=1.0
     )
     return per_token_N.sum() / valid_BK.sum()
 

@@ -47,8 +47,9 @@ class OPSDLConfig(DistillationConfig):
             Number of student top tokens kept by `"topk_logits"`.
         sampled_token_clip (`float`, *optional*):
             With `"sampled_token"`, clip the per-token advantage to `[-clip, clip]`. `None` disables clipping.
-        loss_chunk_size (`int`, *optional*, defaults to `1024`):
-            Completion positions projected to the vocabulary at once by the `"topk_logits"` loss.
+        loss_chunk_size (`int`, *optional*):
+            Completion positions projected to the vocabulary at once by the plain-torch loss path (`"topk_logits"`,
+            and `"full_logits"` off Triton devices). `None`: about 8 MiB of fp32 logits per chunk.
         exclude_eos_from_loss (`bool`, *optional*, defaults to `False`):
             Leave the end-of-turn tokens out of the loss (and out of the token count that normalizes it).
 
@@ -119,8 +120,9 @@ class OPSDLConfig(DistillationConfig):
         default=None,
         metadata={"help": "Clip the per-token advantage of 'sampled_token' to [-clip, clip]. None: no clipping."},
     )
-    loss_chunk_size: int = field(
-        default=1024, metadata={"help": "Completion positions projected to the vocabulary at once by 'topk_logits'."}
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Completion positions per vocabulary projection chunk. None: about 8 MiB of logits."},
     )
     exclude_eos_from_loss: bool = field(
         default=False, metadata={"help": "Leave end-of-turn tokens out of the loss and of its token count."}
@@ -188,8 +190,8 @@ class OPSDLConfig(DistillationConfig):
             )
         if self.loss_top_k < 1:
             raise ValueError(f"loss_top_k={self.loss_top_k} must be at least 1 (20 is a good default).")
-        if self.loss_chunk_size < 1:
-            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be at least 1.")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be at least 1, or None for automatic.")
         if self.sampled_token_clip is not None and self.sampled_token_clip <= 0:
             raise ValueError(
                 f"sampled_token_clip={self.sampled_token_clip} must be positive, or None to disable clipping."

@@ -377,27 +377,24 @@ class OPSDLTrainer(DistillationTrainer):
             exact_kl_N = None
         else:
             if mode == "full_logits":
-                per_token_N, entropy_N = loss_utils.full_logits_divergence(
-                    student_hidden_NH, teacher_hidden_NH, student_head, teacher_head, self.beta, temperature
-                )
+                per_token_N, entropy_N, student_logp_N, teacher_logp_N = loss_utils.full_logits_divergence(
+                    student_hidden_NH, teacher_hidden_NH, student_head, teacher_head, tokens_N, self.beta,
+                    temperature, self.args.loss_chunk_size,
+                )  # fmt: skip
             else:
-                per_token_N, entropy_N = loss_utils.topk_reverse_kl(
-                    student_hidden_NH,
-                    teacher_hidden_NH,
-                    student_head,
-                    teacher_head,
-                    self.args.loss_top_k,
-                    temperature,
-                    self.args.loss_chunk_size,
-                )
+                per_token_N, entropy_N, student_logp_N, teacher_logp_N = loss_utils.chunked_divergence(
+                    student_hidden_NH, teacher_hidden_NH, student_head, teacher_head, tokens_N,
+                    temperature=temperature, top_k=self.args.loss_top_k, chunk_size=self.args.loss_chunk_size,
+                )  # fmt: skip
             exact_kl_N = per_token_N.detach() if (mode == "topk_logits" or self.beta == 1.0) else None
-            with torch.no_grad():  # sampled-token log-probs, for the logs only
-                student_logp_N, _ = loss_utils.sampled_token_logprobs(
-                    student_hidden_NH.detach(), student_head, tokens_N, temperature
-                )
-                teacher_logp_N, _ = loss_utils.sampled_token_logprobs(
-                    teacher_hidden_NH, teacher_head, tokens_N, temperature
-                )
+            if student_logp_N is None:  # the fused kernel gives no token log-probs: two no-grad passes, for the logs
+                with torch.no_grad():
+                    student_logp_N, _ = loss_utils.sampled_token_logprobs(
+                        student_hidden_NH.detach(), student_head, tokens_N, temperature
+                    )
+                    teacher_logp_N, _ = loss_utils.sampled_token_logprobs(
+                        teacher_hidden_NH, teacher_head, tokens_N, temperature
+                    )
 
         divisor = num_items_in_batch if num_items_in_batch is not None else valid_BK.sum().clamp(min=1)
         loss = per_token_N.sum() / divisor
