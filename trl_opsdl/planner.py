@@ -6,8 +6,8 @@ The estimate follows the real `OPSDLTrainer` step, phase by phase:
 2. teacher no-grad forward on the short prompt + the same completion (one layer's temporaries at a time);
 3. student forward on prompt + completion, activations kept for the backward (all of them, or one checkpoint per
    layer with gradient checkpointing), split `sp_size` ways with sequence parallelism;
-4. the chunked loss (TRL's `ChunkedDivergenceFunction`): `[min(N, 4096), 32768]` fp32 tiles over the `N` completion
-   positions, never the `[N, vocab]` logits;
+4. the chunked loss over the `N` completion positions, never the `[N, vocab]` logits: on GPUs TRL's
+   `ChunkedDivergenceFunction` (`[min(N, 4096), 32768]` fp32 tiles), on CPU `loss_utils.chunked_divergence`;
 5. backward (the loss's fp32 `lm_head` gradient, then the backbone, one recomputed layer at a time with
    checkpointing);
 6. optimizer step.
@@ -28,6 +28,7 @@ from math import log2
 GIB = 2**30
 TOKEN_CHUNK_SIZE = 4096  # rows of a loss tile (trl.kernels.chunked_divergence.TOKEN_CHUNK_SIZE)
 VOCAB_CHUNK_SIZE = 32768  # columns of a loss tile (trl.kernels.chunked_divergence.VOCAB_CHUNK_SIZE)
+CHUNK_ELEMENTS = 1 << 21  # logits per chunk of the CPU loss path (trl_opsdl.loss_utils.CHUNK_ELEMENTS)
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TEACHER_KINDS = ("base", "live", "ema")
 DEVICES = ("cuda", "cpu")
@@ -338,8 +339,11 @@ def _loss_bytes(model: ModelShape, run: RunShape, lm_head_trainable: bool) -> tu
     grad_hidden = n * model.hidden_size * 4  # accumulated in fp32
     grad_weight = model.lm_head_params * (4 + (b if b < 4 else 0)) if lm_head_trainable else 0  # fp32, then cast
     if run.device == "cpu":
-        forward = 2 * buffer + CPU_LOSS_FORWARD_TEMPORARIES * temporary
-        backward = 2 * buffer + CPU_LOSS_BACKWARD_TEMPORARIES * temporary
+        # Off Triton devices OPSDL runs `loss_utils.chunked_divergence`: `positions_per_chunk(V)` positions at a time,
+        # each chunk's fp32 logits and their temporaries freed before the next (recomputed in the backward).
+        chunk_logits = min(n, max(1, CHUNK_ELEMENTS // model.vocab_size)) * model.vocab_size * 4
+        forward = CPU_LOSS_FORWARD_TEMPORARIES * chunk_logits
+        backward = CPU_LOSS_BACKWARD_TEMPORARIES * chunk_logits
     else:
         forward = 2 * buffer
         backward = 2 * buffer + (rows * VOCAB_CHUNK_SIZE * b if b < 4 else 0)  # the tile cast back to bf16
