@@ -312,6 +312,86 @@ def _run_train(args, extra):
 # --- plan (memory planner) ----------------------------------------------------------------------------------------
 
 
+def _add_plan(subparsers):
+    p = subparsers.add_parser(
+        "plan",
+        help="Estimate per-GPU memory of an OPSDL run from a model config, and the cheapest configuration that fits.",
+        description="Reads config.json (a local folder, or a hub id where a network exists) and estimates, per GPU, "
+        "weights, gradients, optimizer states, activations (with and without gradient checkpointing), the chunked "
+        "loss, the teacher forward and the generation KV cache of one OPSDLTrainer step (docs/long_context.md).",
+    )
+    p.add_argument("--model", required=True, help="Model folder with config.json, or a hub id.")
+    p.add_argument("--context-length", type=int, required=True, help="Tokens of the long student prompt.")
+    p.add_argument("--completion-length", type=int, default=512, help="Generated tokens (max_completion_length).")
+    p.add_argument(
+        "--teacher-context-length", type=int, default=None, help="Tokens of the short teacher prompt (default: 1/8)."
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="per_device_train_batch_size.")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1, help="gradient_accumulation_steps.")
+    p.add_argument(
+        "--generation-batch-size",
+        type=int,
+        default=None,
+        help="Sequences generated at once per GPU (default: batch x accumulation steps, as TRL generates).",
+    )
+    p.add_argument("--num-gpus", type=int, default=8, help="GPUs in the run (data x sequence parallel).")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="Memory of one GPU in GiB (80 for an H100).")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=3, help="DeepSpeed ZeRO stage; 0: none.")
+    p.add_argument("--offload", action="store_true", help="ZeRO offload of optimizer states (ZeRO-3: parameters too).")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank on every linear layer (default: full).")
+    p.add_argument("--sp-size", type=int, default=1, help="Sequence-parallel group size (sequence_parallel_size).")
+    p.add_argument(
+        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True, help="Default: on."
+    )
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="Weights and activations.")
+    p.add_argument("--teacher-kind", choices=("base", "live", "ema"), default="base", help="teacher_model_kind.")
+    p.add_argument(
+        "--generation",
+        choices=("gathered", "sharded", "vllm-server"),
+        default="gathered",
+        help="HF generate on the whole gathered model (TRL default), gathering layer by layer "
+        "(ds3_gather_for_generation=False), or a vLLM server on other GPUs.",
+    )
+    p.add_argument(
+        "--prefill-chunk-size",
+        type=int,
+        default=None,
+        help="Prefill the prompt N tokens at a time (generation_kwargs={'prefill_chunk_size': N}).",
+    )
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the CPU path (calibration).")
+    p.set_defaults(run=_run_plan)
+
+
+@_user_errors
+def _run_plan(args):
+    from trl_opsdl.planner import RunShape, cheapest_fit, estimate, format_plan, load_model_shape
+
+    run = RunShape(
+        context_length=args.context_length,
+        completion_length=args.completion_length,
+        teacher_context_length=args.teacher_context_length,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        generation_batch_size=args.generation_batch_size,
+        num_gpus=args.num_gpus,
+        gpu_memory_gib=args.gpu_memory_gib,
+        zero_stage=args.zero_stage,
+        offload=args.offload,
+        lora_rank=args.lora_rank,
+        sp_size=args.sp_size,
+        gradient_checkpointing=args.gradient_checkpointing,
+        dtype=args.dtype,
+        device=args.device,
+        teacher_kind=args.teacher_kind,
+        generation=args.generation,
+        prefill_chunk_size=args.prefill_chunk_size,
+    )
+    model = load_model_shape(args.model)
+    plan = estimate(model, run)
+    print(format_plan(plan, cheapest_fit(model, run)))
+    return 0 if plan.fits else 1
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="trl-opsdl", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)

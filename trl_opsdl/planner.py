@@ -334,7 +334,6 @@ def _loss_bytes(model: ModelShape, run: RunShape, lm_head_trainable: bool) -> tu
     n = run.batch_size * run.completion_length  # CPU projects every position; GPU the valid ones (at most this)
     rows = min(n, TOKEN_CHUNK_SIZE)
     buffer = rows * VOCAB_CHUNK_SIZE * 4  # one fp32 tile buffer (student or teacher)
-    temporary = rows * min(model.vocab_size, VOCAB_CHUNK_SIZE) * 4
     saved = 2 * n * model.hidden_size * b  # the flattened student and teacher hidden states
     grad_hidden = n * model.hidden_size * 4  # accumulated in fp32
     grad_weight = model.lm_head_params * (4 + (b if b < 4 else 0)) if lm_head_trainable else 0  # fp32, then cast
