@@ -17,6 +17,7 @@ only. Variants, each run in its own process:
                     no-grad on the short prompt), as with `base` + LoRA.
   opsdl_base        (optional) `OPSDLTrainer` with the default `base` teacher without PEFT: a frozen copy of the
                     weights, i.e. the floor plus one model in memory.
+  opsdl_gc          (optional) `opsdl` with gradient checkpointing (TRL's default): less memory, more time.
 
 Time: the median, over the measured steps of every repeat, of the wall time between the ends of two consecutive
 optimizer steps (everything a step does: data, tokenization, forwards, backward, optimizer, logging), after
@@ -43,7 +44,7 @@ import tempfile
 import time
 
 
-VARIANTS = ("floor", "naive", "trl_distillation", "opsdl", "opsdl_base")
+VARIANTS = ("floor", "naive", "trl_distillation", "opsdl", "opsdl_base", "opsdl_gc")
 DEFAULT_VARIANTS = ("floor", "naive", "trl_distillation", "opsdl")
 VOCAB_SIZE = 32_000
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -109,18 +110,20 @@ def as_text(ids) -> str:
 # ---- memory -----------------------------------------------------------------------------------------------------
 
 
+TRAINER_SOURCES = ("__init__.py", "opsdl_config.py", "opsdl_trainer.py", "loss_utils.py", "teacher.py")
+
+
 def source_hash() -> str:
-    """A short hash of the imported `trl_opsdl` sources, so a run that straddles an edit of the library shows it."""
+    """A short hash of the `trl_opsdl` modules a training step runs, so a run that straddles an edit shows it."""
     import hashlib
 
     import trl_opsdl
 
     digest = hashlib.sha256()
     root = os.path.dirname(trl_opsdl.__file__)
-    for folder, _, files in sorted(os.walk(root)):
-        for name in sorted(f for f in files if f.endswith(".py")):
-            with open(os.path.join(folder, name), "rb") as f:
-                digest.update(name.encode() + f.read())
+    for name in TRAINER_SOURCES:
+        with open(os.path.join(root, name), "rb") as f:
+            digest.update(name.encode() + f.read())
     return digest.hexdigest()[:12]
 
 
@@ -226,7 +229,9 @@ def trainer_loop(variant, model, rows, on_step_end, max_length, output_dir):
     else:
         from trl_opsdl import OPSDLConfig, OPSDLTrainer
 
-        kind = "live" if variant == "opsdl" else "base"
+        kind = "base" if variant == "opsdl_base" else "live"
+        if variant == "opsdl_gc":
+            common["gradient_checkpointing"] = True
         import warnings
 
         with warnings.catch_warnings():
@@ -416,8 +421,8 @@ def main(argv=None):
     summary = summarize(results, args.variants, args.lengths)
     print()
     if len(sources) > 1:
-        print(f"WARNING: trl_opsdl changed during the run ({len(sources)} versions of its sources): rerun to compare.")
-    print(f"trl_opsdl sources: {', '.join(sorted(sources))}")
+        print(f"WARNING: the trainer's sources changed during the run ({len(sources)} versions): rerun to compare.")
+    print(f"trl_opsdl trainer sources ({', '.join(TRAINER_SOURCES)}): {', '.join(sorted(sources))}")
     print("Per step (median); memory: peak RSS above the post-import baseline. Ratios: to the floor at that length.")
     print("| length | variant | wall s | x floor | CPU s | x floor | peak MB | x floor |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")

@@ -251,6 +251,7 @@ def _add_demo(subparsers):
     p.add_argument("--eval-every", type=int, default=25, help="With --compare: steps between curve points.")
     p.add_argument("--long-pairs", type=_int_list, default=None, help="Long settings, e.g. 16,24,32.")
     p.add_argument("--lora", action="store_true", default=None, help="Train a LoRA adapter instead of all weights.")
+    p.add_argument("--save-model", action="store_true", default=None, help="Also save the trained model.")
     for name, kind in _DEMO_OVERRIDES.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="Default: see docs/demo.md.")
     p.set_defaults(run=_run_demo)
@@ -262,7 +263,8 @@ def _run_demo(args):
 
     from trl_opsdl import demo
 
-    overrides = {name: getattr(args, name) for name in (*_DEMO_OVERRIDES, "lora") if getattr(args, name) is not None}
+    names = (*_DEMO_OVERRIDES, "lora", "save_model")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.long_pairs:
         overrides["long_pairs"] = tuple(args.long_pairs)
     config = dataclasses.replace(
