@@ -14,22 +14,23 @@ only. Variants, each run in its own process:
   trl_distillation  TRL's `DistillationTrainer` (reverse KL, beta=1) with a separate teacher of the same size that
                     reads the long prompt (what one would run today without OPSDL).
   opsdl             `OPSDLTrainer`, `teacher_model_kind="live"`: the floor's teacher (the model's own weights under
-                    no-grad on the short prompt), as with `base` + LoRA.
+                    no-grad on the short prompt): no copy of the weights.
   opsdl_base        (optional) `OPSDLTrainer` with the default `base` teacher without PEFT: a frozen copy of the
                     weights, i.e. the floor plus one model in memory.
   opsdl_gc          (optional) `opsdl` with gradient checkpointing (TRL's default): less memory, more time.
 
-Time: the median, over the measured steps of every repeat, of the wall time between the ends of two consecutive
-optimizer steps (everything a step does: data, tokenization, forwards, backward, optimizer, logging), after
-`--warmup` unmeasured steps. Memory: the peak resident set size (VmHWM from /proc/self/status, reset through
-/proc/self/clear_refs after the imports) minus the resident size right after the imports: weights, gradients, AdamW
-state, teacher and activations, without the Python and library baseline. Each process runs with glibc's
-MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to the OS and RSS follows the live tensors. Variants are
-interleaved (one process per variant, length and repeat, in rotating order) so that a slow spell of the shared
-machine hits them all.
+Time: the median, over the measured steps of every repeat, of the time between the ends of two consecutive optimizer
+steps (everything a step does: data, tokenization, forwards, backward, optimizer, logging), after `--warmup`
+unmeasured steps; both wall time and the process's CPU time. The PASS/FAIL lines use CPU time: on a machine shared with
+other jobs, wall time measures the neighbours too. Memory: the peak resident set size (VmHWM from /proc/self/status,
+reset through /proc/self/clear_refs after the imports) minus the resident size right after the imports: weights,
+gradients, AdamW state, teacher and activations, without the Python and library baseline. Each process runs with
+glibc's MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to the OS and RSS follows the live tensors. Variants
+are interleaved (one process per variant, length and repeat, in rotating order) so that a slow spell of the machine
+hits them all. The run prints a hash of the trainer's sources and warns if they changed while it ran.
 
-    python benchmarks/step_cost.py                                   # 1K, 2K, 4K, 8K; 3 repeats (~25 min, 2 cores)
-    python benchmarks/step_cost.py --lengths 1024,2048 --repeats 1   # a quick look
+    python benchmarks/step_cost.py                                  # 1K, 2K, 4K, 8K; 3 repeats (~35 min, 2 cores)
+    python benchmarks/step_cost.py --lengths 1024,2048 --repeats 1  # a quick look
     python benchmarks/step_cost.py --variants floor,opsdl,opsdl_base --json results.json
 """
 
@@ -154,11 +155,13 @@ def reverse_kl(student_logits, teacher_logits):
     return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1).mean()
 
 
-def hand_written_loop(variant, model, rows, on_step_end):
+def hand_written_loop(variant, model, rows, on_step_end) -> list[float]:
+    """Train one step per row; returns the losses."""
     import torch
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     model.train()
+    losses = []
     for row in rows:
         C = len(row["completion"])
         long_ids = torch.tensor([row["prompt"] + row["completion"]])
@@ -179,13 +182,16 @@ def hand_written_loop(variant, model, rows, on_step_end):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the trainers do (max_grad_norm=1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
         on_step_end()
+    return losses
 
 
 # ---- the trainers --------------------------------------------------------------------------------------------------
 
 
-def trainer_loop(variant, model, rows, on_step_end, max_length, output_dir):
+def trainer_loop(variant, model, rows, on_step_end, max_length, output_dir) -> list[float]:
+    """Train one step per row with the variant's trainer; returns the logged losses."""
     from datasets import Dataset
     from transformers import TrainerCallback
 
@@ -247,6 +253,7 @@ def trainer_loop(variant, model, rows, on_step_end, max_length, output_dir):
 
     trainer._generate_single_turn = fixed_completions
     trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 # ---- one variant in one process -----------------------------------------------------------------------------------
@@ -273,10 +280,10 @@ def run_worker(variant, length, completion_length, warmup, steps, threads):
     model = build_model(seed=0, max_length=max_length)
     on_step_end = lambda: step_ends.append((time.perf_counter(), time.process_time()))  # noqa: E731
     if variant in ("floor", "naive"):
-        hand_written_loop(variant, model, rows, on_step_end)
+        losses = hand_written_loop(variant, model, rows, on_step_end)
     else:
         with tempfile.TemporaryDirectory() as output_dir:
-            trainer_loop(variant, model, rows, on_step_end, max_length, output_dir)
+            losses = trainer_loop(variant, model, rows, on_step_end, max_length, output_dir)
     peak_kb = _status_kb("VmHWM")
     if len(step_ends) != warmup + steps:
         raise RuntimeError(f"{variant}: {len(step_ends)} steps ran, expected {warmup + steps}")
@@ -286,6 +293,7 @@ def run_worker(variant, length, completion_length, warmup, steps, threads):
         "cpu_times": [b[1] - a[1] for a, b in pairs],
         "peak_mb": (peak_kb - baseline_kb) / 1024,
         "trl_opsdl_sources": library,
+        "losses": losses,
     }
 
 

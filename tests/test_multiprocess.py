@@ -6,10 +6,10 @@ One launch per layout trains every teacher kind in turn (`tests/dist_worker.py`)
 this process with one process and the same global batch of 4 rows. Generation is greedy, so both see the same
 completions, and the loss is normalized by the global token count, so the two layouts compute the same number.
 
-Tolerance: the logged losses of the first two steps agree within rtol=1e-4 (we see ~1e-7: only the order of the
-float reductions differs); the weights saved after two steps within atol=1e-4 (we see <1e-5, on weights up to ~2
-after two SGD steps at lr 0.1). A wrong normalization (x2 per rank), a teacher built from empty ZeRO-3 shards or a
-missed gradient reduction moves step 1 or step 2 by far more.
+Tolerance: the logged losses of the first two steps agree within rtol=2e-5 (seen: <= 6e-7; only the order of the
+float reductions differs), the weights saved after two steps within atol=1e-5 (seen: <= 5e-7, on weights up to ~2).
+A wrong normalization (x2 per rank), a teacher built from empty ZeRO-3 shards or a missed gradient reduction moves
+step 1 or step 2 by far more (two SGD steps at lr 0.1 move each weight tensor by 4e-4 to 0.18 at most, median 7e-3).
 
 The first DeepSpeed launch on a fresh machine compiles DeepSpeed's CPU communication op (~65 s, needs ninja); each
 launch then takes ~30 s on two cores.
@@ -97,7 +97,7 @@ def test_two_processes_match_one(layout, model_dir, reference, tmp_path):
         assert len(got["losses"]) == len(want["losses"]) == 2
         message = f"{layout}/{name}: losses {got['losses']} with two processes, {want['losses']} with one"
         torch.testing.assert_close(
-            torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-4, atol=1e-6, msg=message
+            torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=2e-5, atol=1e-6, msg=message
         )
 
         # Saving gathers full weights (under ZeRO-3: `zero3_save_16bit_model: true` in zero3.yaml), equal to the
@@ -106,6 +106,6 @@ def test_two_processes_match_one(layout, model_dir, reference, tmp_path):
         assert saved.keys() == expected.keys(), f"{layout}/{name}: saved {sorted(saved)[:5]}..."
         for key, tensor in expected.items():
             assert saved[key].shape == tensor.shape and saved[key].numel() > 0, f"{layout}/{name}: {key} not full"
-            torch.testing.assert_close(saved[key], tensor, rtol=0, atol=1e-4, msg=f"{layout}/{name}: {key}")
+            torch.testing.assert_close(saved[key], tensor, rtol=0, atol=1e-5, msg=f"{layout}/{name}: {key}")
         if not CASES[name][2]:  # a full model: every parameter of the architecture is there
             assert len(saved) == 21  # 2 layers x 9 tensors + embeddings + final norm + lm_head

@@ -31,6 +31,7 @@ from .data.kv import build_kv_retrieval, format_question, kv_symbols, sample_kv_
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo_model"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 NUM_KEYS, NUM_VALUES, VALUE_LENGTH = 128, 32, 3
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # --- tokenizer and model ------------------------------------------------------------------------------------------
@@ -269,6 +270,7 @@ class DemoConfig:
     short_prompt_ratio: float = 0.0
     lora: bool = False
     lora_r: int = 16
+    lora_target_modules: tuple[str, ...] = ALL_LINEAR
     # Evaluation: `short` has `short_pairs` pairs, then one setting per entry of `long_pairs`.
     short_pairs: int = 4
     long_pairs: tuple[int, ...] = (16, 24, 32)
@@ -336,7 +338,7 @@ def lora_config(config: DemoConfig):
         r=config.lora_r,
         lora_alpha=2 * config.lora_r,
         lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=list(config.lora_target_modules),
         task_type="CAUSAL_LM",
     )
 
@@ -497,6 +499,14 @@ ABLATION_METHODS = {
     "steps=75": {"max_steps": 75},
     "steps=300": {"max_steps": 300},
     "lora_r=16_lr=1e-3": {"lora": True, "learning_rate": 1e-3},
+    "lora_r=16_lr=2e-3": {"lora": True, "learning_rate": 2e-3},
+    "lora_r=4_lr=1e-3": {"lora": True, "learning_rate": 1e-3, "lora_r": 4},
+    "lora_attention_r=16_lr=1e-3": {
+        "lora": True,
+        "learning_rate": 1e-3,
+        "lora_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    },
+    "lora_r=16_lr=1e-3_spr=0.125": {"lora": True, "learning_rate": 1e-3, "short_prompt_ratio": 0.125},
 }
 METHOD_SETS = {"compare": COMPARE_METHODS, "ablation": ABLATION_METHODS}
 
@@ -535,6 +545,7 @@ def train_baseline(
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     callbacks = [_progress_callback(log, config.max_steps, kind), *callbacks]
+    peft_config = lora_config(config) if config.lora else None  # the same recipe as OPSDL's
     if kind == "sft_gold":  # the labels: an upper reference, not available to OPSDL
         completions = [" " + answers[0] for answers in train_dataset["answers"]]
     elif kind in ("sft_self", "dpo"):  # label-free: the model's own greedy answers to the short prompt
@@ -548,7 +559,12 @@ def train_baseline(
         dataset = train_dataset.select_columns(["prompt"]).add_column("completion", completions)
         args = _baseline_args(SFTConfig, config, output_dir, completion_only_loss=True)
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            peft_config=peft_config,
         )
     else:  # LongPO-style: chosen = the answer from the short context, rejected = the answer from the long one
         rejected = [" " + _strip_no_end(a) for a in greedy_answers(model, tokenizer, train_dataset["prompt"])]
@@ -559,15 +575,19 @@ def train_baseline(
         args = _baseline_args(DPOConfig, config, output_dir)
         trainer = DPOTrainer(
             model=model,
-            ref_model=copy.deepcopy(model),
+            ref_model=None if config.lora else copy.deepcopy(model),  # with LoRA: the adapter-free model
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
             callbacks=callbacks,
+            peft_config=peft_config,
         )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
-    return trainer.model.eval()
+    model = trainer.model
+    if config.lora:
+        model = model.merge_and_unload()
+    return model.eval()
 
 
 def _curve_callback(sets: dict, every: int, batch_size: int, points: list, examples_per_step: int):
