@@ -1,4 +1,4 @@
-"""PROTOTYPE, not used by the library (kept for the next step of issue 5): reverse KL(student || teacher) over the
+"""PROTOTYPE, not used by the library (kept for the next step of issue 5): reverse KL(student || teacher) over the vocabulary, its gradient
 computed in the forward, chunk by chunk, so nothing is recomputed in the backward and no (N, V) tensor outlives a chunk.
 
 For beta=1 the gradient w.r.t. the student logits is analytic: dKL_n/dz = p_s * (log p_s - log p_t - KL_n). Since the
