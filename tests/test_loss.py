@@ -8,7 +8,7 @@ from datasets import Dataset
 
 from tests.utils import kv_rows, tiny_model, tiny_tokenizer
 from trl_opsdl import OPSDLConfig, OPSDLTrainer
-from trl_opsdl.loss_utils import LMHead, chunked_divergence, full_logits_divergence
+from trl_opsdl.loss_utils import LMHead, chunked_divergence, full_logits_divergence, fused_reverse_kl
 
 
 def make_trainer(tmp_path, model, tokenizer, **config):
@@ -162,3 +162,50 @@ def test_chunking_does_not_change_topk_values_or_gradients():
     (g_chunked,) = torch.autograd.grad(chunked.sum(), h_s)
     torch.testing.assert_close(one, chunked)
     torch.testing.assert_close(g_one, g_chunked)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("weighting", ["uniform", "per_row"])
+def test_fused_reverse_kl_matches_autograd_on_plain_logits(softcap, weighting):
+    # The CPU reverse-KL path computes its gradient in the forward: pin values and the gradients of the hidden states,
+    # head weight and bias against autograd through plain logits, with every logit post-processing step switched on.
+    torch.manual_seed(0)
+    n, h, v = 11, 8, 50
+    h_s = torch.randn(n, h, requires_grad=True)
+    h_t = torch.randn(n, h)
+    tokens = torch.randint(0, v, (n,))
+    weight = (0.3 * torch.randn(v, h)).requires_grad_()
+    bias = (0.1 * torch.randn(v)).requires_grad_()
+    head_s = LMHead(weight, bias, logit_scale=1.7, softcap=softcap)
+    head_t = LMHead(0.3 * torch.randn(v, h), 0.1 * torch.randn(v), logit_scale=0.8, softcap=softcap)
+    row_weight = torch.full((n,), 0.25) if weighting == "uniform" else torch.rand(n)
+
+    kl, entropy, s_tok, t_tok = fused_reverse_kl(h_s, h_t, head_s, head_t, tokens, temperature=0.7, chunk_size=4)
+    got = torch.autograd.grad((kl * row_weight).sum(), (h_s, weight, bias))
+
+    s_logp = torch.log_softmax(head_s.logits(h_s, 0.7), -1)
+    t_logp = torch.log_softmax(head_t.logits(h_t, 0.7), -1)
+    expected_kl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    expected = torch.autograd.grad((expected_kl * row_weight).sum(), (h_s, weight, bias))
+
+    torch.testing.assert_close(kl, expected_kl, rtol=1e-5, atol=1e-6)
+    for name, g, e in zip(("hidden", "weight", "bias"), got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=f"gradient of the {name}")
+    torch.testing.assert_close(entropy, -(s_logp.exp() * s_logp).sum(-1).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s_tok, s_logp.gather(-1, tokens[:, None])[:, 0].detach())
+    torch.testing.assert_close(t_tok, t_logp.gather(-1, tokens[:, None])[:, 0])
+
+
+def test_fused_reverse_kl_without_gradients_and_without_positions():
+    torch.manual_seed(0)
+    h_s, h_t = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8)
+    head_s, head_t = LMHead(torch.randn(50, 8, requires_grad=True)), LMHead(torch.randn(50, 8))
+    tokens = torch.randint(0, 50, (5,))
+    with torch.no_grad():  # evaluation: values only, no gradient buffers
+        kl, *_ = fused_reverse_kl(h_s, h_t, head_s, head_t, tokens)
+    assert not kl.requires_grad
+    torch.testing.assert_close(kl, fused_reverse_kl(h_s, h_t, head_s, head_t, tokens)[0].detach())
+    # No loss position (every completion token masked): an empty KL whose zero sum still backpropagates.
+    empty, *_ = fused_reverse_kl(h_s[:0], h_t[:0], head_s, head_t, tokens[:0])
+    empty.sum().backward()
+    assert empty.shape == (0,) and head_s.weight.grad.abs().sum() == 0

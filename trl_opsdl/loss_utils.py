@@ -2,7 +2,9 @@
 
 Shapes: `N` completion positions (flattened, padding already removed), `H` hidden size, `V` vocabulary. Every
 function here projects to the vocabulary only at those `N` positions and never holds an `(N, V)` tensor for the whole
-batch: `full_logits` and the sampled-token log-probs use TRL's chunked kernels, `topk_logits` recomputes per chunk.
+batch: `full_logits` uses TRL's fused kernel on Triton devices and `FusedReverseKL` (reverse KL) or
+`chunked_divergence` elsewhere, the sampled-token log-probs TRL's `ChunkedLogProbFunction`, `topk_logits` recomputes
+per chunk.
 
 Each returns per-token values of shape `(N,)`; the caller sums them and divides by the global number of completion
 tokens, so the loss is the same whatever the gradient-accumulation split.
@@ -78,10 +80,15 @@ def full_logits_divergence(
 
     On CUDA/XPU (Triton) this is TRL's fused `ChunkedDivergenceFunction`. Elsewhere its torch fallback keeps
     `4096 x 32768` fp32 tiles and their temporaries, several times the logits of a short completion, so the positions
-    are processed `chunk_size` at a time in plain torch instead, each chunk recomputed in the backward.
+    are processed `chunk_size` at a time in plain torch instead: for the reverse KL by `FusedReverseKL` (the gradient
+    computed in the forward, nothing recomputed), for other `beta` by `chunked_divergence` (recomputed per chunk).
     """
     if use_kernel is None:
         use_kernel = _use_triton(student_hidden_NH.device)
+    if not use_kernel and beta == 1.0:
+        return fused_reverse_kl(
+            student_hidden_NH, teacher_hidden_NH, student_head, teacher_head, tokens_N, temperature, chunk_size
+        )
     if not use_kernel:
         return chunked_divergence(
             student_hidden_NH, teacher_hidden_NH, student_head, teacher_head, tokens_N, beta=beta,
@@ -102,6 +109,140 @@ def full_logits_divergence(
         teacher_head.softcap,
     )
     return divergence_N, entropy_N, None, None
+
+
+def _reverse_kl_pass(
+    student_hidden_NH, teacher_hidden_NH, tokens_N, student_head, teacher_head, temperature, chunk_size, grads,
+    row_weight_N=None,
+):  # fmt: skip
+    """One pass over the positions, `chunk_size` at a time: per-token reverse KL, entropy, token log-probs and, for the
+    heads' parameters named in `grads` ("hidden", "weight", "bias"), the gradient of `sum_n row_weight_n * KL_n`.
+
+    With `z` the final logits and `p_s = softmax(z)`, `dKL_n/dz_n = p_s (log p_s - log p_t - KL_n)`: exact, so each chunk
+    needs its `(chunk, V)` log-probs once, and the chain rule through `z = softcap(scale * (h W^T + b)) / T` is a
+    per-element factor `(scale / T) * (1 - tanh^2(scale * (h W^T + b) / softcap))`. Then `dh = g W`, `dW = g^T h`,
+    `db = sum g`: the floor's four matmuls (two projections, two gradient products) and no autograd graph.
+    """
+    n, hidden_size = student_hidden_NH.shape
+    vocab_size = student_head.weight.shape[0]
+    out = {key: student_hidden_NH.new_empty(n, dtype=torch.float32) for key in ("kl", "entropy", "s_tok", "t_tok")}
+    grad_hidden_NH = torch.empty(n, hidden_size, dtype=torch.float32) if "hidden" in grads else None
+    grad_weight_VH = torch.zeros(vocab_size, hidden_size, dtype=torch.float32) if "weight" in grads else None
+    grad_bias_V = torch.zeros(vocab_size, dtype=torch.float32) if "bias" in grads else None
+    weight_VH = student_head.weight.float()
+    with torch.no_grad():
+        for start in range(0, n, chunk_size):
+            chunk = slice(start, start + chunk_size)
+            hidden_CH = student_hidden_NH[chunk].float()
+            logits_CV = student_head.logits(hidden_CH, temperature)
+            s_logp_CV = torch.log_softmax(logits_CV, dim=-1)
+            t_logp_CV = torch.log_softmax(teacher_head.logits(teacher_hidden_NH[chunk], temperature), dim=-1)
+            tokens_C1 = tokens_N[chunk, None]
+            out["s_tok"][chunk] = s_logp_CV.gather(-1, tokens_C1)[:, 0]
+            out["t_tok"][chunk] = t_logp_CV.gather(-1, tokens_C1)[:, 0]
+            s_p_CV = s_logp_CV.exp()
+            out["entropy"][chunk] = -(s_p_CV * s_logp_CV).sum(-1)
+            gap_CV = s_logp_CV.sub_(t_logp_CV)  # log p_s - log p_t, in place: the log-probs are no longer needed
+            del t_logp_CV
+            kl_C = (s_p_CV * gap_CV).sum(-1)
+            out["kl"][chunk] = kl_C
+            if not grads:
+                continue
+            grad_CV = s_p_CV.mul_(gap_CV.sub_(kl_C[:, None]))  # dKL/dz, in place
+            if row_weight_N is not None:
+                grad_CV.mul_(row_weight_N[chunk, None].float())
+            if student_head.softcap is not None:
+                # logits_CV = softcap * tanh(u / softcap) / T, so tanh = logits_CV * T / softcap
+                tanh_CV = logits_CV.mul_(temperature / student_head.softcap)
+                grad_CV.mul_(tanh_CV.square_().neg_().add_(1.0))
+            grad_CV.mul_(student_head.logit_scale / temperature)
+            if grad_hidden_NH is not None:
+                grad_hidden_NH[chunk] = grad_CV @ weight_VH
+            if grad_weight_VH is not None:
+                grad_weight_VH.addmm_(grad_CV.t(), hidden_CH)
+            if grad_bias_V is not None:
+                grad_bias_V += grad_CV.sum(0)
+    return out, grad_hidden_NH, grad_weight_VH, grad_bias_V
+
+
+class FusedReverseKL(torch.autograd.Function):
+    """Reverse KL(student || teacher) per position over the full vocabulary, its gradient computed in the forward.
+
+    The trainer's loss is `sum_n KL_n / count`, so the backward receives the same weight for every position: it then
+    only rescales the gradients kept from the forward (`(N, H)` for the hidden states, `(V, H)` for a trainable head),
+    instead of recomputing the projections as activation checkpointing would. Any other weighting is still exact:
+    the head's gradient is then recomputed with those weights. Under ZeRO-3 the heads are gathered in both passes.
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden_NH, s_weight, s_bias, teacher_hidden_NH, t_weight, t_bias, tokens_N, settings):
+        s_scale, s_cap, t_scale, t_cap, temperature, chunk_size, grads = settings
+        student_head = LMHead(s_weight, s_bias, s_scale, s_cap)
+        teacher_head = LMHead(t_weight, t_bias, t_scale, t_cap)
+        with maybe_gather_lm_head_ctx(s_weight, s_bias), maybe_gather_lm_head_ctx(t_weight, t_bias):
+            out, grad_hidden_NH, grad_weight_VH, grad_bias_V = _reverse_kl_pass(
+                student_hidden_NH, teacher_hidden_NH, tokens_N, student_head, teacher_head, temperature, chunk_size,
+                grads,
+            )  # fmt: skip
+        ctx.save_for_backward(student_hidden_NH, s_weight, s_bias, teacher_hidden_NH, t_weight, t_bias, tokens_N)
+        ctx.settings = settings
+        ctx.grads = (grad_hidden_NH, grad_weight_VH, grad_bias_V)
+        ctx.mark_non_differentiable(out["entropy"], out["s_tok"], out["t_tok"])
+        return out["kl"], out["entropy"], out["s_tok"], out["t_tok"]
+
+    @staticmethod
+    def backward(ctx, grad_kl_N, *_):
+        grad_hidden_NH, grad_weight_VH, grad_bias_V = ctx.grads
+        ctx.grads = None
+        student_hidden_NH, s_weight, s_bias, teacher_hidden_NH, t_weight, t_bias, tokens_N = ctx.saved_tensors
+        if grad_hidden_NH is not None:  # row n of dh depends on KL_n only: exact for any weights
+            grad_hidden_NH = grad_hidden_NH.mul_(grad_kl_N[:, None]).to(student_hidden_NH.dtype)
+        if grad_weight_VH is not None or grad_bias_V is not None:
+            uniform = grad_kl_N.numel() == 0 or bool((grad_kl_N == grad_kl_N[0]).all())
+            if uniform:
+                scale = grad_kl_N[0] if grad_kl_N.numel() else 0.0
+                grad_weight_VH = None if grad_weight_VH is None else grad_weight_VH.mul_(scale)
+                grad_bias_V = None if grad_bias_V is None else grad_bias_V.mul_(scale)
+            else:
+                s_scale, s_cap, t_scale, t_cap, temperature, chunk_size, grads = ctx.settings
+                head_grads = tuple(g for g in grads if g != "hidden")
+                with maybe_gather_lm_head_ctx(s_weight, s_bias), maybe_gather_lm_head_ctx(t_weight, t_bias):
+                    _, _, grad_weight_VH, grad_bias_V = _reverse_kl_pass(
+                        student_hidden_NH, teacher_hidden_NH, tokens_N, LMHead(s_weight, s_bias, s_scale, s_cap),
+                        LMHead(t_weight, t_bias, t_scale, t_cap), temperature, chunk_size, head_grads, grad_kl_N,
+                    )  # fmt: skip
+        if grad_weight_VH is not None:
+            grad_weight_VH = grad_weight_VH.to(s_weight.dtype)
+        if grad_bias_V is not None:
+            grad_bias_V = grad_bias_V.to(s_bias.dtype)
+        return grad_hidden_NH, grad_weight_VH, grad_bias_V, None, None, None, None, None
+
+
+def fused_reverse_kl(
+    student_hidden_NH: torch.Tensor,
+    teacher_hidden_NH: torch.Tensor,
+    student_head: LMHead,
+    teacher_head: LMHead,
+    tokens_N: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reverse KL(student || teacher), student entropy, log p_s(tokens) and log p_t(tokens), `(N,)` each, in plain
+    torch, `chunk_size` positions at a time (default `positions_per_chunk(V)`); see `FusedReverseKL`."""
+    vocab_size = _vocab_size(student_head.weight)
+    chunk_size = chunk_size or positions_per_chunk(vocab_size)
+    grads = ()
+    if torch.is_grad_enabled():
+        parts = {"hidden": student_hidden_NH, "weight": student_head.weight, "bias": student_head.bias}
+        grads = tuple(name for name, t in parts.items() if t is not None and t.requires_grad)
+    settings = (
+        student_head.logit_scale, student_head.softcap, teacher_head.logit_scale, teacher_head.softcap, temperature,
+        chunk_size, grads,
+    )  # fmt: skip
+    return FusedReverseKL.apply(
+        student_hidden_NH, student_head.weight, student_head.bias, teacher_hidden_NH, teacher_head.weight,
+        teacher_head.bias, tokens_N, settings,
+    )  # fmt: skip
 
 
 def sampled_token_logprobs(
@@ -177,6 +318,11 @@ def _divergence_chunk(
     return divergence_N, entropy_N, s_token_N, t_token_N
 
 
+def _vocab_size(weight_VH: torch.Tensor) -> int:
+    # Under ZeRO-3 a parameter outside its gather is an empty shard; DeepSpeed keeps the full shape in `ds_shape`.
+    return getattr(weight_VH, "ds_shape", weight_VH.shape)[0]
+
+
 def positions_per_chunk(vocab_size: int) -> int:
     """Positions per chunk so one chunk's `(positions, V)` fp32 logits stay near 8 MiB."""
     return max(1, CHUNK_ELEMENTS // vocab_size)
@@ -199,7 +345,7 @@ def chunked_divergence(
     Positions are processed `chunk_size` at a time (default: `positions_per_chunk(V)`) and each chunk is recomputed
     in the backward (activation checkpointing), so at most one chunk of `(chunk_size, V)` logits lives at once.
     """
-    vocab_size = student_head.weight.shape[0] if student_head.weight.numel() else student_hidden_NH.shape[-1]
+    vocab_size = _vocab_size(student_head.weight)
     chunk_size = chunk_size or positions_per_chunk(vocab_size)
     if top_k is not None:
         top_k = min(top_k, vocab_size - 1)

@@ -41,10 +41,9 @@ CUDA_RESERVE_BYTES = 2 * GIB
 FRAGMENTATION_SHARE = 0.05
 # A suggested configuration must also leave this share of the GPU free: the GPU-side accounting is not yet measured.
 SUGGESTION_HEADROOM = 0.10
-# Tile-sized temporaries of the CPU (non-Triton) fallback of TRL's chunked loss, counted from
-# `_stats_tile` / `_backward_tile` and confirmed by the profiler (forward 6, backward 9, besides the two tile buffers).
+# Chunk-sized fp32 temporaries alive at once in the CPU reverse-KL forward (`loss_utils._reverse_kl_pass`: student
+# logits and log-probs, teacher logits and log-probs, probabilities, one product); its backward only rescales.
 CPU_LOSS_FORWARD_TEMPORARIES = 6
-CPU_LOSS_BACKWARD_TEMPORARIES = 9
 # Relative step-time cost of each memory-saving switch, used only to rank the configurations that fit.
 COST_GRADIENT_CHECKPOINTING = 1.33  # one extra forward
 COST_ZERO3 = 1.10  # parameter all-gathers in forward and backward
@@ -338,11 +337,12 @@ def _loss_bytes(model: ModelShape, run: RunShape, lm_head_trainable: bool) -> tu
     grad_hidden = n * model.hidden_size * 4  # accumulated in fp32
     grad_weight = model.lm_head_params * (4 + (b if b < 4 else 0)) if lm_head_trainable else 0  # fp32, then cast
     if run.device == "cpu":
-        # Off Triton devices OPSDL runs `loss_utils.chunked_divergence`: `positions_per_chunk(V)` positions at a time,
-        # each chunk's fp32 logits and their temporaries freed before the next (recomputed in the backward).
+        # Off Triton devices the reverse KL runs `loss_utils.FusedReverseKL`: `positions_per_chunk(V)` positions at a
+        # time, each chunk's temporaries freed before the next, and the gradients of the hidden states and of the head
+        # computed in the forward and kept until the backward, which only rescales them.
         chunk_logits = min(n, max(1, CHUNK_ELEMENTS // model.vocab_size)) * model.vocab_size * 4
-        forward = CPU_LOSS_FORWARD_TEMPORARIES * chunk_logits
-        backward = CPU_LOSS_BACKWARD_TEMPORARIES * chunk_logits
+        forward = CPU_LOSS_FORWARD_TEMPORARIES * chunk_logits + grad_hidden + grad_weight
+        backward = 0
     else:
         forward = 2 * buffer
         backward = 2 * buffer + (rows * VOCAB_CHUNK_SIZE * b if b < 4 else 0)  # the tile cast back to bf16
