@@ -294,10 +294,12 @@ def test_cli_demo_runs(tmp_path, tiny_demo_model):
 
     out = tmp_path / "cli"
     argv = ["demo", "--output-dir", str(out), "--model-path", tiny_demo_model, "--max-steps", "1"]
-    argv += ["--batch-size", "2", "--eval-examples", "2", "--long-pairs", "6", "--num-threads", "1"]
-    assert main(argv) == 0
+    argv += ["--batch-size", "2", "--eval-examples", "2", "--long-pairs", "6", "--num-threads", "1", "--no-lora"]
+    assert main(argv + ["--save-model"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["after"]) == ["short", "long_6"] and results["settings"]["max_steps"] == 1
+    assert results["settings"]["lora"] is False  # full fine-tuning: the saved model has no adapter
+    assert (out / "model" / "model.safetensors").is_file() and not (out / "model" / "adapter_config.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -250,7 +250,12 @@ def _add_demo(subparsers):
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="With --compare/--ablation, e.g. 0,1,2.")
     p.add_argument("--eval-every", type=int, default=25, help="With --compare: steps between curve points.")
     p.add_argument("--long-pairs", type=_int_list, default=None, help="Long settings, e.g. 16,24,32.")
-    p.add_argument("--lora", action="store_true", default=None, help="Train a LoRA adapter instead of all weights.")
+    p.add_argument(
+        "--lora",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LoRA (default) or all weights (--no-lora).",
+    )
     p.add_argument("--save-model", action="store_true", default=None, help="Also save the trained model.")
     for name, kind in _DEMO_OVERRIDES.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="Default: see docs/demo.md.")
