@@ -55,10 +55,11 @@ class LMHead:
     def logits(self, hidden_NH: torch.Tensor, temperature: float) -> torch.Tensor:
         """Plain (N, V) logits: only for small chunks and for the reference in the tests."""
         logits_NV = F.linear(hidden_NH.float(), self.weight.float(), None if self.bias is None else self.bias.float())
-        logits_NV = logits_NV * self.logit_scale
+        if self.logit_scale != 1.0:  # each of these is a pass over (N, V): skipped when it is the identity
+            logits_NV = logits_NV * self.logit_scale
         if self.softcap is not None:
             logits_NV = self.softcap * torch.tanh(logits_NV / self.softcap)
-        return logits_NV / temperature
+        return logits_NV / temperature if temperature != 1.0 else logits_NV
 
 
 def full_logits_divergence(

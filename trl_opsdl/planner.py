@@ -7,7 +7,7 @@ The estimate follows the real `OPSDLTrainer` step, phase by phase:
 3. student forward on prompt + completion, activations kept for the backward (all of them, or one checkpoint per
    layer with gradient checkpointing), split `sp_size` ways with sequence parallelism;
 4. the chunked loss over the `N` completion positions, never the `[N, vocab]` logits: on GPUs TRL's
-   `ChunkedDivergenceFunction` (`[min(N, 4096), 32768]` fp32 tiles), on CPU `loss_utils.chunked_divergence`;
+   `ChunkedDivergenceFunction` (`[min(N, 4096), 32768]` fp32 tiles), on CPU `loss_utils.FusedReverseKL`;
 5. backward (the loss's fp32 `lm_head` gradient, then the backbone, one recomputed layer at a time with
    checkpointing);
 6. optimizer step.

@@ -7,8 +7,9 @@
 """
 Rebuild the demo model shipped in `trl_opsdl/assets/demo_model/`: a word-level tokenizer over the key-value symbols
 and a 3-layer, hidden-128 Llama (0.83M parameters) trained from scratch on key → value retrieval with 1–8 pairs per
-context (loss on answer tokens only, 4 questions per sequence, AdamW lr 1e-3, batch 64, 2000 steps). It answers short
-contexts almost perfectly and long ones poorly — the starting point of `trl-opsdl demo` (docs/demo.md).
+context (loss on answer tokens only, 4 questions per sequence, AdamW lr 1e-3, batch 64, 1500 steps, half the batches a
+copy task). It answers short contexts almost perfectly and long ones poorly — the starting point of `trl-opsdl demo`
+(docs/demo.md).
 
 Deterministic: one thread and fixed seeds; about 25 minutes on one CPU core (it uses only one).
 
