@@ -18,9 +18,8 @@ only. Variants, each run in its own process:
   opsdl_base        (optional) `OPSDLTrainer` with the default `base` teacher without PEFT: a frozen copy of the
                     weights, i.e. the floor plus one model in memory.
   opsdl_gc          (optional) `opsdl` with gradient checkpointing (TRL's default): less memory, more time.
-  opsdl_sac         (optional) `opsdl` with selective activation checkpointing (torch's
-                    `create_selective_checkpoint_contexts` through `gradient_checkpointing_kwargs["context_fn"]`):
-                    the outputs of matmuls and attention are kept, only elementwise ops are recomputed.
+  opsdl_sac         (optional) `opsdl` with `activation_checkpointing_policy="selective"`: the outputs of matmuls
+                    and attention are kept, only elementwise ops are recomputed (trl_opsdl.checkpointing).
 
 Time: the median, over the measured steps of every repeat, of the time between the ends of two consecutive optimizer
 steps (everything a step does: data, tokenization, forwards, backward, optimizer, logging), after `--warmup`
@@ -190,24 +189,6 @@ def hand_written_loop(variant, model, rows, on_step_end) -> list[float]:
     return losses
 
 
-def selective_checkpointing():
-    """Selective activation checkpointing: keep what matmuls and attention produce, recompute the elementwise ops."""
-    import torch
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    aten = torch.ops.aten
-    saved = {
-        aten.mm.default, aten.addmm.default, aten.bmm.default,
-        aten._scaled_dot_product_flash_attention_for_cpu.default,
-        aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_flash_attention.default,
-    }  # fmt: skip
-
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
-
-    return create_selective_checkpoint_contexts(policy)
-
-
 # ---- the trainers --------------------------------------------------------------------------------------------------
 
 
@@ -260,7 +241,7 @@ def trainer_loop(variant, model, rows, on_step_end, max_length, output_dir) -> l
         if variant in ("opsdl_gc", "opsdl_sac"):
             common["gradient_checkpointing"] = True
         if variant == "opsdl_sac":
-            common["gradient_checkpointing_kwargs"] = {"use_reentrant": False, "context_fn": selective_checkpointing}
+            common["activation_checkpointing_policy"] = "selective"
         import warnings
 
         with warnings.catch_warnings():

@@ -149,3 +149,35 @@ def test_non_finite_loss(tmp_path):
 
 def test_bf16_default_follows_the_hardware():
     assert OPSDLConfig(output_dir="x", report_to="none").bf16 is (torch.cuda.is_available())
+
+
+def test_selective_checkpointing_needs_non_reentrant_checkpointing(tmp_path):
+    with pytest.raises(ValueError, match="activation_checkpointing_policy='partial'"):
+        config(tmp_path, activation_checkpointing_policy="partial")
+    with pytest.raises(ValueError, match="needs gradient_checkpointing=True"):
+        config(tmp_path, activation_checkpointing_policy="selective", gradient_checkpointing=False)
+    with pytest.raises(ValueError, match="use_reentrant=True"):
+        config(
+            tmp_path,
+            activation_checkpointing_policy="selective",
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": True},
+        )
+
+
+def test_selective_checkpointing_with_peft_under_zero3(tmp_path):
+    from types import SimpleNamespace
+
+    from peft import LoraConfig
+
+    tokenizer = tiny_tokenizer()
+    args = config(tmp_path, activation_checkpointing_policy="selective", gradient_checkpointing=True)
+    args.deepspeed_plugin = SimpleNamespace(zero_stage=3)  # what `deepspeed=<ZeRO-3 config>` leaves on the args
+    with pytest.raises(ValueError, match="not available with PEFT under DeepSpeed ZeRO-3"):
+        OPSDLTrainer(
+            model=tiny_model(tokenizer),
+            args=args,
+            train_dataset=Dataset.from_list(kv_rows(4)),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+        )

@@ -485,6 +485,7 @@ COMPARE_METHODS = {
     "sft_gold": {"trainer": "sft_gold"},
     "sft_self": {"trainer": "sft_self"},
     "dpo_longpo": {"trainer": "dpo"},
+    "dpo_longpo_lr=1e-4": {"trainer": "dpo", "learning_rate": 1e-4},  # DPO collapses at the shared lr (docs/demo.md)
 }
 # What keeps short-context accuracy: full fine-tuning (the prototype's recipe) with short prompts mixed in, other
 # learning rates, steps or context lengths, against LoRA. Each spec is complete, so it does not move with the defaults.

@@ -10,6 +10,7 @@ from trl import DistillationConfig
 TEACHER_KINDS = ("base", "live", "ema")
 DISTILLATION_MODES = ("full_logits", "sampled_token", "topk_logits")
 TRUNCATION_POLICIES = ("error", "middle", "left")
+CHECKPOINTING_POLICIES = ("full", "selective")
 
 
 @dataclass
@@ -66,6 +67,15 @@ class OPSDLConfig(DistillationConfig):
         short_prompt_ratio (`float`, *optional*, defaults to `0.0`):
             Share of each batch whose student prompt is replaced by its own teacher prompt. Against a frozen `"base"`
             teacher these rows anchor the model to its initial short-context behaviour.
+
+        > Parameters that control memory
+
+        activation_checkpointing_policy (`str`, *optional*, defaults to `"full"`):
+            With `gradient_checkpointing=True` (`activation_checkpointing`), what each checkpointed layer keeps.
+            `"full"`: only its input; the whole layer is recomputed in the backward (the parent's behaviour).
+            `"selective"`: the outputs of matmuls and attention; only the elementwise ops (norms, rotary, activation,
+            products) are recomputed — more memory than `"full"`, much less than no checkpointing, for a few percent
+            of time (see `trl_opsdl.checkpointing`). Needs non-reentrant checkpointing.
 
         > Parameters that control sequence parallelism
 
@@ -147,6 +157,16 @@ class OPSDLConfig(DistillationConfig):
         metadata={"help": "Share of each batch whose student prompt is replaced by its teacher prompt."},
     )
 
+    # Parameters that control memory
+    activation_checkpointing_policy: str = field(
+        default="full",
+        metadata={
+            "help": "With gradient checkpointing: 'full' (recompute whole layers) or 'selective' (keep matmul and "
+            "attention outputs, recompute only elementwise ops).",
+            "choices": list(CHECKPOINTING_POLICIES),
+        },
+    )
+
     # Parameters that control sequence parallelism
     sequence_parallel_size: int = field(
         default=1,
@@ -205,6 +225,13 @@ class OPSDLConfig(DistillationConfig):
                 f"sequence_parallel_size={self.sequence_parallel_size} must be at least 1 (1 turns sequence "
                 "parallelism off)."
             )
+        if self.activation_checkpointing_policy not in CHECKPOINTING_POLICIES:
+            raise ValueError(
+                f"activation_checkpointing_policy={self.activation_checkpointing_policy!r} is not one of "
+                f"{CHECKPOINTING_POLICIES}. Use 'full' (the default) or 'selective'."
+            )
+        if self.activation_checkpointing_policy == "selective":
+            self._use_selective_checkpointing()
         if not 0.0 <= self.short_prompt_ratio <= 1.0:
             raise ValueError(f"short_prompt_ratio={self.short_prompt_ratio} must be in [0, 1].")
         if self.teacher_model_kind == "live":
@@ -215,3 +242,23 @@ class OPSDLConfig(DistillationConfig):
                 UserWarning,
                 stacklevel=2,
             )
+
+    def _use_selective_checkpointing(self):
+        # transformers passes `activation_checkpointing_kwargs` to `torch.utils.checkpoint.checkpoint` for each layer,
+        # and TRL passes them again when it re-enables checkpointing after generation: the policy travels there.
+        from .checkpointing import SELECTIVE_CHECKPOINTING
+
+        if not self.activation_checkpointing:
+            raise ValueError(
+                "activation_checkpointing_policy='selective' needs gradient_checkpointing=True (it chooses what a "
+                "checkpointed layer keeps). Set gradient_checkpointing=True, or leave the policy at 'full'."
+            )
+        kwargs = dict(self.activation_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant"):
+            raise ValueError(
+                "activation_checkpointing_policy='selective' needs non-reentrant checkpointing, but "
+                "gradient_checkpointing_kwargs has use_reentrant=True. Remove use_reentrant (or set it to False)."
+            )
+        kwargs.update(use_reentrant=False, context_fn=SELECTIVE_CHECKPOINTING)
+        # `gradient_checkpointing_kwargs` is transformers' deprecated alias, still read by TRL: both names must agree.
+        self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs

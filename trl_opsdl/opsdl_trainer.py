@@ -109,6 +109,15 @@ class OPSDLTrainer(DistillationTrainer):
                 "The explicit model is used as a frozen teacher; leave teacher_model_kind at 'base', or drop "
                 "teacher_model to use the model itself as a live or EMA teacher."
             )
+        deepspeed_plugin = getattr(args, "deepspeed_plugin", None)
+        uses_peft = peft_config is not None or is_peft_model(model)
+        if args.activation_checkpointing_policy == "selective" and uses_peft and deepspeed_plugin is not None:
+            if deepspeed_plugin.zero_stage == 3:  # the parent then forces reentrant checkpointing, which has no policy
+                raise ValueError(
+                    "activation_checkpointing_policy='selective' is not available with PEFT under DeepSpeed ZeRO-3: "
+                    "TRL switches checkpointing to use_reentrant=True there, which cannot take a policy. Use "
+                    "activation_checkpointing_policy='full', or ZeRO-2."
+                )
         self._is_conversational = None
         for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             for name, ds in dataset.items() if isinstance(dataset, dict) else [(split, dataset)]:
