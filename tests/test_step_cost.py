@@ -19,11 +19,11 @@ def test_floor_naive_and_opsdl_compute_the_same_first_loss():
     threads = torch.get_num_threads()  # run_worker sets the thread count: keep this process's
     out = {
         variant: step_cost.run_worker(variant, 64, completion_length=8, warmup=1, steps=1, threads=threads)
-        for variant in ("floor", "naive", "opsdl", "opsdl_base", "trl_distillation")
+        for variant in ("floor", "naive", "opsdl", "opsdl_base", "opsdl_sac", "trl_distillation")
     }
     floor_loss = out["floor"]["losses"][0]
     assert floor_loss > 0
-    for variant in ("naive", "opsdl", "opsdl_base"):
+    for variant in ("naive", "opsdl", "opsdl_base", "opsdl_sac"):
         assert out[variant]["losses"][0] == pytest.approx(floor_loss, rel=1e-4), variant
     # TRL's distillation: another teacher on the long prompt, so another number; only check that it trained.
     assert len(out["trl_distillation"]["losses"]) == 2 and out["trl_distillation"]["losses"][0] != floor_loss
