@@ -110,9 +110,9 @@ class OPSDLTrainer(DistillationTrainer):
                 "teacher_model to use the model itself as a live or EMA teacher."
             )
         deepspeed_plugin = getattr(args, "deepspeed_plugin", None)
-        uses_peft = peft_config is not None or is_peft_model(model)
-        if args.activation_checkpointing_policy == "selective" and uses_peft and deepspeed_plugin is not None:
-            if deepspeed_plugin.zero_stage == 3:  # the parent then forces reentrant checkpointing, which has no policy
+        if args.activation_checkpointing_policy == "selective" and deepspeed_plugin is not None:
+            uses_peft = peft_config is not None or (not isinstance(model, str) and is_peft_model(model))
+            if uses_peft and deepspeed_plugin.zero_stage == 3:  # the parent then forces reentrant checkpointing
                 raise ValueError(
                     "activation_checkpointing_policy='selective' is not available with PEFT under DeepSpeed ZeRO-3: "
                     "TRL switches checkpointing to use_reentrant=True there, which cannot take a policy. Use "
