@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 
 from tests.utils import kv_rows, tiny_model, tiny_tokenizer
-from trl_opsdl import OPSDLConfig, OPSDLTrainer
+from trl_opsdl import OPSDLConfig, OPSDLTrainer, loss_utils
 from trl_opsdl.loss_utils import LMHead, chunked_divergence, full_logits_divergence, fused_reverse_kl
 
 
@@ -196,15 +196,18 @@ def test_fused_reverse_kl_matches_autograd_on_plain_logits(softcap, weighting):
     torch.testing.assert_close(t_tok, t_logp.gather(-1, tokens[:, None])[:, 0])
 
 
-def test_fused_reverse_kl_without_gradients_and_without_positions():
+def test_fused_reverse_kl_without_gradients_and_without_positions(monkeypatch):
     torch.manual_seed(0)
     h_s, h_t = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8)
     head_s, head_t = LMHead(torch.randn(50, 8, requires_grad=True)), LMHead(torch.randn(50, 8))
     tokens = torch.randint(0, 50, (5,))
+    requested = []  # the gradients each pass was asked to compute
+    real_pass = loss_utils._reverse_kl_pass
+    monkeypatch.setattr(loss_utils, "_reverse_kl_pass", lambda *a, **k: requested.append(a[7]) or real_pass(*a, **k))
     with torch.no_grad():  # evaluation: values only, no gradient buffers
         kl, *_ = fused_reverse_kl(h_s, h_t, head_s, head_t, tokens)
-    assert not kl.requires_grad
     torch.testing.assert_close(kl, fused_reverse_kl(h_s, h_t, head_s, head_t, tokens)[0].detach())
+    assert requested == [(), ("hidden", "weight")]
     # No loss position (every completion token masked): an empty KL whose zero sum still backpropagates.
     empty, *_ = fused_reverse_kl(h_s[:0], h_t[:0], head_s, head_t, tokens[:0])
     empty.sum().backward()

@@ -127,9 +127,10 @@ def _reverse_kl_pass(
     n, hidden_size = student_hidden_NH.shape
     vocab_size = student_head.weight.shape[0]
     out = {key: student_hidden_NH.new_empty(n, dtype=torch.float32) for key in ("kl", "entropy", "s_tok", "t_tok")}
-    grad_hidden_NH = torch.empty(n, hidden_size, dtype=torch.float32) if "hidden" in grads else None
-    grad_weight_VH = torch.zeros(vocab_size, hidden_size, dtype=torch.float32) if "weight" in grads else None
-    grad_bias_V = torch.zeros(vocab_size, dtype=torch.float32) if "bias" in grads else None
+    fp32 = {"dtype": torch.float32, "device": student_hidden_NH.device}
+    grad_hidden_NH = torch.empty(n, hidden_size, **fp32) if "hidden" in grads else None
+    grad_weight_VH = torch.zeros(vocab_size, hidden_size, **fp32) if "weight" in grads else None
+    grad_bias_V = torch.zeros(vocab_size, **fp32) if "bias" in grads else None
     weight_VH = student_head.weight.float()
     with torch.no_grad():
         for start in range(0, n, chunk_size):
@@ -156,7 +157,8 @@ def _reverse_kl_pass(
                 # logits_CV = softcap * tanh(u / softcap) / T, so tanh = logits_CV * T / softcap
                 tanh_CV = logits_CV.mul_(temperature / student_head.softcap)
                 grad_CV.mul_(tanh_CV.square_().neg_().add_(1.0))
-            grad_CV.mul_(student_head.logit_scale / temperature)
+            if student_head.logit_scale != temperature:
+                grad_CV.mul_(student_head.logit_scale / temperature)
             if grad_hidden_NH is not None:
                 grad_hidden_NH[chunk] = grad_CV @ weight_VH
             if grad_weight_VH is not None:

@@ -74,8 +74,9 @@ class OPSDLConfig(DistillationConfig):
             With `gradient_checkpointing=True` (`activation_checkpointing`), what each checkpointed layer keeps.
             `"full"`: only its input; the whole layer is recomputed in the backward (the parent's behaviour).
             `"selective"`: the outputs of matmuls and attention; only the elementwise ops (norms, rotary, activation,
-            products) are recomputed — more memory than `"full"`, much less than no checkpointing, for a few percent
-            of time (see `trl_opsdl.checkpointing`). Needs non-reentrant checkpointing.
+            products) are recomputed — more memory than `"full"`, about a fifth less than no checkpointing, for no
+            extra matmul or attention FLOPs (see `trl_opsdl.checkpointing` for measured times). Needs non-reentrant
+            checkpointing.
 
         > Parameters that control sequence parallelism
 
