@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Fill benchmarks/gpu_wheels/ (git-ignored) with the wheels the GPU machine lacks, before a GPU loan. Run here, where
+# pip reaches a registry (that machine reaches none):
+#   bash benchmarks/gpu_check_wheels.sh
+# What that machine has is in /work/.library/device/KINDS.md: CPython 3.12.3 on Linux x86_64, torch 2.11,
+# transformers 5.17, accelerate 1.15, peft (version not listed), no trl, datasets, dill, multiprocess, deepspeed.
+# The pins are benchmarks/gpu_check_wheels.txt; each is fetched with --no-deps for CPython 3.12 (the machine) and for
+# this machine's Python (the dry run: benchmarks/gpu_check_dryrun.sh); multiprocess and regex have per-version
+# wheels. The folder must stay under ~60 MiB (64 MiB travel per call, the working tree included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEST=benchmarks/gpu_wheels
+PY="${PYTHON:-python3}"
+LOCAL_PY="$("$PY" -c 'import platform; print(".".join(platform.python_version_tuple()[:2]))')"
+mapfile -t PINS < <(sed 's/#.*//' benchmarks/gpu_check_wheels.txt | grep -v '^[[:space:]]*$')
+rm -rf "$DEST"
+mkdir -p "$DEST"
+for pyv in 3.12 "$LOCAL_PY"; do
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$pyv" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$DEST" "${PINS[@]}"
+done
+ls -l "$DEST"
+du -sh "$DEST"
+# Tags fit CPython 3.12 on Linux x86_64, one version per package, under 60 MiB in all
+"$PY" benchmarks/gpu_check.py --check-wheels "$DEST" --python-version 3.12 --limit-mib 60
