@@ -9,8 +9,8 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-import trl_opsdl.evaluation as evaluation
-from tests.utils import kv_rows, tiny_model, tiny_tokenizer
+import trl_opsdl.evaluation.evaluate as evaluation
+from tests.conftest import kv_rows, tiny_model, tiny_tokenizer
 from trl_opsdl.data import BM25Extractor
 from trl_opsdl.evaluation import (
     OPSDLEvalCallback,

@@ -12,7 +12,9 @@ import re
 import uuid
 from types import SimpleNamespace
 
-from .templates import count_tokens, largest_fitting, render_prompt
+from ..tokenization import count_tokens
+from .lengths import largest_fitting
+from .templates import render_prompt
 
 
 logger = logging.getLogger(__name__)
