@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tests.utils import kv_rows, tiny_model, tiny_tokenizer
+from tests.conftest import kv_rows, tiny_model, tiny_tokenizer
 from trl_opsdl import OPSDLConfig, OPSDLTrainer, loss_utils
 from trl_opsdl.loss_utils import LMHead, chunked_divergence, full_logits_divergence, fused_reverse_kl
 

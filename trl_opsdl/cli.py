@@ -15,9 +15,9 @@ def _user_errors(run):
     import functools
 
     @functools.wraps(run)
-    def wrapper(args):
+    def wrapper(args, *extra):
         try:
-            return run(args)
+            return run(args, *extra)
         except (ValueError, FileNotFoundError) as error:
             print(f"trl-opsdl {args.command}: error: {error}", file=sys.stderr)
             return 2
@@ -83,7 +83,7 @@ def _write_jsonl(dataset, path, tokenizer=None):
     import json
     import os
 
-    from trl_opsdl.data.extract import dataset_report
+    from trl_opsdl.data import dataset_report
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     dataset.to_json(path, lines=True, force_ascii=False)
@@ -145,8 +145,7 @@ def _load_model(path):
 
 @_user_errors
 def _run_build_extract(args):
-    from trl_opsdl.data import BM25Extractor, SelfExtractor, build_from_columns, load_tokenizer
-    from trl_opsdl.data.qa import load_records
+    from trl_opsdl.data import BM25Extractor, SelfExtractor, build_from_columns, load_records, load_tokenizer
 
     tokenizer_path = args.tokenizer or args.model
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
@@ -194,14 +193,12 @@ def _add_eval(subparsers):
 def _run_eval(args):
     import json
 
-    from trl_opsdl.data import BM25Extractor, load_tokenizer
+    from trl_opsdl.data import BM25Extractor, load_records, load_tokenizer
     from trl_opsdl.evaluation import evaluate_dataset, load_longbench, load_longbench_v2, save_results
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     extractor = BM25Extractor(tokenizer=tokenizer) if args.extractor == "bm25" else None
     if args.format == "opsdl":
-        from trl_opsdl.data.qa import load_records
-
         dataset = load_records(args.data)
     elif args.format == "longbench":
         dataset = load_longbench(args.data, None, tokenizer, args.max_length, args.conversational, extractor)
@@ -221,12 +218,21 @@ def _run_eval(args):
 # --- demo ---------------------------------------------------------------------------------------------------------
 
 
-# `DemoConfig` fields the command line can change; None keeps the documented default.
-_DEMO_OVERRIDES = {
-    "seed": int, "max_steps": int, "batch_size": int, "learning_rate": float, "temperature": float,
-    "short_prompt_ratio": float, "distillation_mode": str, "teacher_model_kind": str, "eval_examples": int,
-    "num_threads": int,
-}  # fmt: skip
+def _demo_field_type(field):
+    """The argparse `type`/`action` of a `DemoConfig` field, from its annotation."""
+    import types
+    import typing
+
+    kind = field.type
+    if isinstance(kind, types.UnionType):  # `str | None`
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(kind) is tuple:
+        if typing.get_args(kind)[0] is int:
+            return {"type": _int_list, "metavar": "N,N,..."}
+        return {"type": lambda text: [x.strip() for x in text.split(",") if x.strip()], "metavar": "NAME,NAME,..."}
+    return {"type": kind}
 
 
 def _add_demo(subparsers):
@@ -236,8 +242,6 @@ def _add_demo(subparsers):
         description="Evaluates the shipped 0.8M-parameter demo model on short and long key-value retrieval, trains it "
         "with OPSDLTrainer on long prompts, evaluates again, and writes results.json and a plot (docs/demo.md).",
     )
-    p.add_argument("--output-dir", default="opsdl-demo", help="Where results.json and the plots go.")
-    p.add_argument("--model-path", default=None, help="Demo model folder (default: the one shipped in the package).")
     p.add_argument(
         "--rebuild-model",
         action="store_true",
@@ -249,16 +253,18 @@ def _add_demo(subparsers):
     p.add_argument("--methods", default=None, help="With --compare/--ablation: comma-separated method names.")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="With --compare/--ablation, e.g. 0,1,2.")
     p.add_argument("--eval-every", type=int, default=25, help="With --compare: steps between curve points.")
-    p.add_argument("--long-pairs", type=_int_list, default=None, help="Long settings, e.g. 16,24,32.")
-    p.add_argument(
-        "--lora",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="LoRA (default) or all weights (--no-lora).",
-    )
-    p.add_argument("--save-model", action="store_true", default=None, help="Also save the trained model.")
-    for name, kind in _DEMO_OVERRIDES.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="Default: see docs/demo.md.")
+    # Every `DemoConfig` field is an option (`--max-steps`, `--no-lora`, `--long-pairs 16,24,32`, ...); an option left
+    # out keeps the documented default (docs/demo.md).
+    import dataclasses
+
+    from trl_opsdl.demo.config import DemoConfig
+
+    defaults = DemoConfig()
+    for field in dataclasses.fields(DemoConfig):
+        default = getattr(defaults, field.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
+                       help=f"Default: {shown}.", **_demo_field_type(field))  # fmt: skip
     p.set_defaults(run=_run_demo)
 
 
@@ -266,31 +272,37 @@ def _add_demo(subparsers):
 def _run_demo(args):
     import dataclasses
 
-    from trl_opsdl import demo
+    from trl_opsdl.demo.config import DemoConfig
 
-    names = (*_DEMO_OVERRIDES, "lora", "save_model")
-    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.long_pairs:
-        overrides["long_pairs"] = tuple(args.long_pairs)
-    config = dataclasses.replace(
-        demo.DemoConfig(), output_dir=args.output_dir, model_path=args.model_path, **overrides
-    )
+    overrides = {}
+    for field in dataclasses.fields(DemoConfig):
+        value = getattr(args, field.name)
+        if value is not None:
+            overrides[field.name] = tuple(value) if isinstance(value, list) else value
+    config = dataclasses.replace(DemoConfig(), **overrides)
     if args.rebuild_model:
-        target = args.model_path or str(demo.DEMO_MODEL_DIR)
-        demo.pretrain_demo_model(output_dir=target)
+        from trl_opsdl.demo.model import DEMO_MODEL_DIR
+        from trl_opsdl.demo.pretrain import pretrain_demo_model
+
+        target = args.model_path or str(DEMO_MODEL_DIR)
+        pretrain_demo_model(output_dir=target)
         config = dataclasses.replace(config, model_path=target)
     if args.compare or args.ablation:
+        from trl_opsdl.demo.compare import METHOD_SETS, run_compare
+
         name = "ablation" if args.ablation else "compare"
-        methods = demo.METHOD_SETS[name]
+        methods = METHOD_SETS[name]
         if args.methods:
             wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
             unknown = [m for m in wanted if m not in methods]
             if unknown:
                 raise ValueError(f"--methods {unknown} not in the {name} set; choose from {list(methods)}.")
             methods = {m: methods[m] for m in wanted}
-        demo.run_compare(config, methods, seeds=tuple(args.seeds), eval_every=args.eval_every, name=name)
+        run_compare(config, methods, seeds=tuple(args.seeds), eval_every=args.eval_every, name=name)
     else:
-        demo.run_demo(config)
+        from trl_opsdl.demo.toy import run_demo
+
+        run_demo(config)
     return 0
 
 
@@ -308,6 +320,7 @@ def _add_train(subparsers):
     p.set_defaults(run=_run_train, accepts_extra=True)
 
 
+@_user_errors
 def _run_train(args, extra):
     from trl_opsdl.train import main, make_parser
 
