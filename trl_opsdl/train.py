@@ -55,24 +55,17 @@ def main(script_args, training_args, model_args):
 
     # The model is passed to the trainer as a path, not an instance: under ZeRO-3 the frozen `base` teacher is rebuilt
     # from it (a copy of a sharded model holds empty shards).
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    model_init_kwargs.update(training_args.model_init_kwargs or {})
-    training_args.model_init_kwargs = model_init_kwargs
+    def init_kwargs(revision, overrides):  # the model flags, then what the config's `*_init_kwargs` say
+        kwargs = dict(revision=revision, trust_remote_code=training_args.trust_remote_code,
+                      attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)  # fmt: skip
+        return {**kwargs, **(overrides or {})}
+
+    training_args.model_init_kwargs = init_kwargs(model_args.model_revision, training_args.model_init_kwargs)
     teacher_model = training_args.teacher_model_name_or_path  # an explicit teacher; None: the model itself
     if teacher_model is not None:
-        teacher_init_kwargs = dict(
-            revision=training_args.teacher_model_revision,
-            trust_remote_code=training_args.trust_remote_code,
-            attn_implementation=model_args.attn_implementation,
-            dtype=model_args.dtype,
+        training_args.teacher_model_init_kwargs = init_kwargs(
+            training_args.teacher_model_revision, training_args.teacher_model_init_kwargs
         )
-        teacher_init_kwargs.update(training_args.teacher_model_init_kwargs or {})
-        training_args.teacher_model_init_kwargs = teacher_init_kwargs
 
     try:
         dataset = load_data(

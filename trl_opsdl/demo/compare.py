@@ -24,6 +24,7 @@ from .toy import (
     _progress_callback,
     _settings,
     check_demo_config,
+    cpu_trainer_args,
     eval_sets,
     greedy_answers,
     kv_accuracy,
@@ -70,22 +71,8 @@ METHOD_SETS = {"compare": COMPARE_METHODS, "ablation": ABLATION_METHODS}
 
 def _baseline_args(config_class, config: DemoConfig, output_dir, **overrides):
     """TRL's SFT/DPO configs with the demo's step budget, batch, learning rate and schedule."""
-    kwargs = dict(
-        output_dir=str(output_dir),
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="constant",
-        seed=config.seed,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=config.logging_steps,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        max_length=None,
-        **_no_checkpointing(config_class),
-    )
+    kwargs = cpu_trainer_args(config, output_dir)
+    kwargs.update(max_length=None, **_no_checkpointing(config_class))
     kwargs.update(overrides)
     return config_class(**kwargs)
 

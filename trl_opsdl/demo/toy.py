@@ -68,21 +68,15 @@ def check_demo_config(config: DemoConfig) -> None:
         build_kv_retrieval(1, pairs)
 
 
-def opsdl_args(config: DemoConfig, output_dir: str | Path, **overrides):
-    """The `OPSDLConfig` the demo trains with: small CPU-friendly settings, no checkpoints, no reporting."""
-    from ..opsdl_config import OPSDLConfig
-
-    kwargs = dict(
+def cpu_trainer_args(config: DemoConfig, output_dir) -> dict:
+    """What every trainer of the demo shares: its step budget, batch, learning rate and seed; constant schedule,
+    fp32, no checkpoints, no reporting, no activation checkpointing (a 0.8M model has no memory to save)."""
+    return dict(
         output_dir=str(output_dir),
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         lr_scheduler_type="constant",
-        temperature=config.temperature,
-        max_completion_length=VALUE_LENGTH + 1,  # the value tokens + the end token
-        distillation_mode=config.distillation_mode,
-        teacher_model_kind=config.teacher_model_kind,
-        short_prompt_ratio=config.short_prompt_ratio,
         seed=config.seed,
         bf16=False,
         report_to="none",
@@ -91,7 +85,21 @@ def opsdl_args(config: DemoConfig, output_dir: str | Path, **overrides):
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    kwargs.update(_no_checkpointing(OPSDLConfig))
+
+
+def opsdl_args(config: DemoConfig, output_dir: str | Path, **overrides):
+    """The `OPSDLConfig` the demo trains with: small CPU-friendly settings, no checkpoints, no reporting."""
+    from ..opsdl_config import OPSDLConfig
+
+    kwargs = cpu_trainer_args(config, output_dir)
+    kwargs.update(
+        temperature=config.temperature,
+        max_completion_length=VALUE_LENGTH + 1,  # the value tokens + the end token
+        distillation_mode=config.distillation_mode,
+        teacher_model_kind=config.teacher_model_kind,
+        short_prompt_ratio=config.short_prompt_ratio,
+        **_no_checkpointing(OPSDLConfig),
+    )
     kwargs.update(overrides)
     return OPSDLConfig(**kwargs)
 
