@@ -84,6 +84,7 @@ def cpu_trainer_args(config: DemoConfig, output_dir) -> dict:
         logging_steps=config.logging_steps,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        dataloader_pin_memory=False,  # a CPU run: pinning would only warn (OPSDLConfig does this by itself)
     )
 
 
