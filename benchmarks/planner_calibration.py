@@ -76,21 +76,21 @@ def _profiled_peak(fn) -> int:
 
 
 def _word_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from trl_opsdl.demo.model import SPECIAL_TOKENS, word_level_tokenizer
 
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        padding_side="left",
-    )
+    return word_level_tokenizer([f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))])
+
+
+def _small_model():
+    """`SMALL_MODEL`, randomly initialised with seed 0, from the package's one tiny-Llama factory."""
+    from trl_opsdl.demo.model import tiny_llama
+
+    m = SMALL_MODEL
+    return tiny_llama(
+        None, 0, hidden_size=m["hidden_size"], num_layers=m["num_hidden_layers"], num_heads=m["num_attention_heads"],
+        num_kv_heads=m["num_key_value_heads"], intermediate_size=m["intermediate_size"], vocab_size=m["vocab_size"],
+        max_position_embeddings=m["max_position_embeddings"], tie_word_embeddings=m["tie_word_embeddings"],
+    )  # fmt: skip
 
 
 def _worker(prompt_length, completion_length, gradient_checkpointing, step, measure, output_dir):
@@ -102,21 +102,18 @@ def _worker(prompt_length, completion_length, gradient_checkpointing, step, meas
     import random
 
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
     from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
+    import trl_opsdl.demo.model  # noqa: F401 - the factories' imports come before the memory baseline too
     from trl_opsdl import OPSDLConfig, OPSDLTrainer
 
     rss_before = _rss_bytes()  # after the imports: their code and data are no part of a training step
 
     teacher_length = prompt_length // 8
-    config = LlamaConfig(**SMALL_MODEL)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = _small_model()
+    config = model.config
     if step == "trainer":
-        tokenizer = _word_tokenizer(config.vocab_size)
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        tokenizer = _word_tokenizer(config.vocab_size)  # its special ids are the model's (`tiny_llama`)
         rng = random.Random(0)
         words = [f"w{i}" for i in range(config.vocab_size - 4)]
         rows = []

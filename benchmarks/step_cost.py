@@ -57,40 +57,18 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
 def build_model(seed: int, max_length: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl_opsdl.demo.model import tiny_llama  # the package's one tiny-Llama factory
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=max_length,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config)
+    model_kwargs = dict(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, vocab_size=VOCAB_SIZE)
+    return tiny_llama(None, seed, max_position_embeddings=max_length, tie_word_embeddings=False,
+                      attn_implementation="sdpa", **model_kwargs)  # fmt: skip
 
 
 def build_tokenizer():
     """A word-level tokenizer of 32K words `w4`..`w31999`: a prompt of n words is exactly n tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from trl_opsdl.demo.model import word_level_tokenizer
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), VOCAB_SIZE)})
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        padding_side="left",
-    )  # fmt: skip
+    return word_level_tokenizer([f"w{i}" for i in range(len(SPECIAL_TOKENS), VOCAB_SIZE)])
 
 
 def make_rows(length: int, completion_length: int, num_rows: int, seed: int = 0):

@@ -98,7 +98,7 @@ def run_case(name: str, model_dir: str, out_dir: str, num_processes: int, steps:
     from datasets import Dataset
     from peft import LoraConfig
 
-    from tests.utils import kv_rows, tiny_tokenizer
+    from tests.conftest import kv_rows, tiny_tokenizer
 
     trainer_kind, teacher, use_peft = CASES[name]
     case_dir = os.path.join(out_dir, name)
@@ -172,7 +172,7 @@ def save_models(path) -> str:
     """Write the student (`path`) and a different teacher (`path/teacher`) for the cases above."""
     import torch
 
-    from tests.utils import tiny_model, tiny_tokenizer
+    from tests.conftest import tiny_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     for seed, folder in ((0, path), (1, os.path.join(path, "teacher"))):

@@ -7,7 +7,6 @@ Nothing here comes from SQuAD or any hub; the BPE is trained on the made-up arti
 import json
 import random
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
@@ -64,26 +63,11 @@ def write_squad(path, **kwargs) -> str:
 
 def bpe_chat_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the made-up articles, ChatML template, eos = pad = `<|im_end|>`, no BOS added."""
-    texts = [
-        p["context"] + " " + q["question"] for a in squad_articles()["data"] for p in a["paragraphs"] for q in p["qas"]
-    ]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator(texts + [CHATML, "Answer the question using the text below."], trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-    )
-    tokenizer.chat_template = CHATML
-    return tokenizer
+    from tests.conftest import bpe_tokenizer
+
+    texts = [p["context"] + " " + q["question"] for a in squad_articles()["data"] for p in a["paragraphs"]
+             for q in p["qas"]]  # fmt: skip
+    return bpe_tokenizer(texts + [CHATML, "Answer the question using the text below."], vocab_size, chatml=True)
 
 
 def save_bpe_chat_model(path, seed: int = 0) -> str:

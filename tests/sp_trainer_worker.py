@@ -21,7 +21,7 @@ ROWS = 8
 def run(out_dir: str, model_dir: str, num_processes: int) -> None:
     from datasets import Dataset
 
-    from tests.utils import kv_rows, tiny_tokenizer
+    from tests.conftest import kv_rows, tiny_tokenizer
     from trl_opsdl import OPSDLConfig, OPSDLTrainer
 
     row = kv_rows(1, seed=3)[0]

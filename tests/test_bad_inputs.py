@@ -5,9 +5,9 @@ import torch
 from datasets import Dataset
 from trl import DistillationConfig
 
-from tests.test_trainer import config, generate, trainer_for
-from tests.utils import kv_rows, tiny_model, tiny_tokenizer
+from tests.conftest import config, generate, kv_rows, tiny_model, tiny_tokenizer, trainer_for
 from trl_opsdl import OPSDLConfig, OPSDLTrainer
+from trl_opsdl.opsdl_config import default_bf16
 from trl_opsdl.teacher import frozen_copy
 
 
@@ -93,7 +93,8 @@ def test_sampled_token_and_topk_need_beta_one(tmp_path):
         ("teacher_model_kind", "frozen", "teacher_model_kind='frozen'"),
         ("distillation_mode", "kl", "distillation_mode='kl'"),
         ("truncation_policy", "right", "truncation_policy='right'"),
-        ("teacher_ema_decay", 1.5, "teacher_ema_decay=1.5"),
+        ("teacher_update_rate", 1.5, "teacher_update_rate=1.5"),
+        ("teacher_update_rate", 0.0, "teacher_update_rate=0.0"),
         ("loss_top_k", 0, "loss_top_k=0"),
         ("max_prompt_length", 0, "max_prompt_length=0"),
         ("short_prompt_ratio", 2.0, "short_prompt_ratio=2.0"),
@@ -147,8 +148,17 @@ def test_non_finite_loss(tmp_path):
         trainer.compute_loss(trainer.model, batch)
 
 
-def test_bf16_default_follows_the_hardware():
-    assert OPSDLConfig(output_dir="x", report_to="none").bf16 is (torch.cuda.is_available())
+@pytest.mark.parametrize("cuda, bf16_capable", [(False, False), (True, False), (True, True)])
+def test_bf16_default_follows_the_hardware(monkeypatch, cuda, bf16_capable):
+    # bf16 only where a CUDA device supports it: an older GPU without bf16 must not get the parent's `True`.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_capable)
+    assert default_bf16(fp16=False) is (cuda and bf16_capable)
+    assert default_bf16(fp16=True) is False
+
+
+def test_bf16_default_on_this_machine():
+    assert OPSDLConfig(output_dir="x", report_to="none").bf16 is default_bf16(fp16=False)
 
 
 def test_selective_checkpointing_needs_non_reentrant_checkpointing(tmp_path):

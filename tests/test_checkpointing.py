@@ -8,8 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests.test_trainer import trainer_for
-from tests.utils import tiny_model, tiny_tokenizer
+from tests.conftest import tiny_model, tiny_tokenizer, trainer_for
 from trl_opsdl.checkpointing import SELECTIVE_CHECKPOINTING
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from datasets import load_dataset
 
-from tests.utils import hotpot_records, save_tiny
+from tests.conftest import hotpot_records, save_tiny
 from trl_opsdl.cli import main
 
 

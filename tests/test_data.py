@@ -9,11 +9,11 @@ import re
 
 import pytest
 
-from tests.utils import WORDS, bpe_tokenizer, hotpot_records, tiny_tokenizer
-from trl_opsdl.data import RULER_TASKS, build_multidoc_qa, build_ruler, count_tokens, load_tokenizer
-from trl_opsdl.data.qa import load_records
+from tests.conftest import WORDS, bpe_tokenizer, hotpot_records, tiny_tokenizer
+from trl_opsdl.data import RULER_TASKS, build_multidoc_qa, build_ruler, count_tokens, load_records, load_tokenizer
+from trl_opsdl.data.lengths import largest_fitting
 from trl_opsdl.data.ruler import _ALL_TEMPLATE_TEXT, DEFAULT_FILLER, FWE_NOISE, pseudo_words
-from trl_opsdl.data.templates import MULTI_DOC_QA_TEMPLATE, largest_fitting, render_prompt
+from trl_opsdl.data.templates import MULTI_DOC_QA_TEMPLATE, render_prompt
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +309,7 @@ def test_qa_bad_inputs_are_errors_or_counted_skips(tmp_path, caplog):
         build_multidoc_qa(records, "squad", tokenizer)
     with pytest.raises(ValueError, match=r"lacks the field\(s\) \['paragraphs'\]"):
         build_multidoc_qa(records, "musique", tokenizer)
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         build_multidoc_qa(str(tmp_path / "nope.jsonl"), "hotpotqa", tokenizer)
     with pytest.raises(ValueError, match="needs the tokenizer"):
         build_multidoc_qa(records, "hotpotqa", None)

@@ -107,7 +107,7 @@ def test_demo_model_size():
 def test_pretrain_batch_labels_only_answers():
     import random
 
-    from trl_opsdl.demo import PretrainConfig, _pretrain_batch, build_demo_tokenizer
+    from trl_opsdl.demo.pretrain import PretrainConfig, _pretrain_batch, build_demo_tokenizer
 
     tokenizer = build_demo_tokenizer()
     config = PretrainConfig(batch_size=3, min_pairs=2, max_pairs=4, questions_per_sequence=2, copy_ratio=0.0)
@@ -126,7 +126,7 @@ def test_pretrain_batch_labels_only_answers():
 def test_pretrain_copy_rows_label_the_repeat():
     import random
 
-    from trl_opsdl.demo import PretrainConfig, _pretrain_batch, build_demo_tokenizer
+    from trl_opsdl.demo.pretrain import PretrainConfig, _pretrain_batch, build_demo_tokenizer
 
     tokenizer = build_demo_tokenizer()
     config = PretrainConfig(batch_size=8, copy_ratio=1.0, copy_max_length=6)

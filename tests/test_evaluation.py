@@ -9,8 +9,8 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-import trl_opsdl.evaluation as evaluation
-from tests.utils import kv_rows, tiny_model, tiny_tokenizer
+import trl_opsdl.evaluation.evaluate as evaluation
+from tests.conftest import kv_rows, tiny_model, tiny_tokenizer
 from trl_opsdl.data import BM25Extractor
 from trl_opsdl.evaluation import (
     OPSDLEvalCallback,
@@ -29,6 +29,7 @@ from trl_opsdl.evaluation import (
     rouge_l,
     save_results,
     score,
+    shard_indices,
     string_match_all,
     string_match_part,
     token_f1,
@@ -255,6 +256,46 @@ def test_callback_without_trainer_still_records_history(tmp_path, caplog):
     assert "no trainer" in caplog.text
     with pytest.raises(ValueError, match="every_n_steps must be positive"):
         OPSDLEvalCallback(rows, tokenizer, every_n_steps=0)
+
+
+def test_eval_rows_are_sharded_evenly_across_ranks():
+    for num_rows, world in ((10, 3), (2, 4), (7, 1)):
+        shards = [shard_indices(num_rows, rank, world) for rank in range(world)]
+        assert len({len(shard) for shard in shards}) == 1  # the same number of generate calls on every rank
+        for rank, shard in enumerate(shards):
+            own = list(range(rank, num_rows, world))
+            assert shard[: len(own)] == own  # each rank generates its own rows, padding repeats a row
+        assert sorted(set().union(*shards)) == list(range(num_rows))
+
+
+def test_callback_generates_only_its_shard_and_scores_the_gathered_set(monkeypatch):
+    import accelerate
+    import accelerate.utils
+
+    from trl_opsdl.evaluation import callback as callback_module
+
+    rows = [row for row in ROWS if row["answers"]]  # 4 rows, 2 ranks: this is rank 1
+    generated = []
+
+    def fake(model, tokenizer, prompts, max_new_tokens, batch_size=16, progress=False):
+        generated.extend(prompts)
+        return [ANSWERS[p] for p in prompts]
+
+    class Rank1:
+        process_index, num_processes = 1, 2
+
+    def gather_object(pairs):  # rank 0's completions (rows 0 and 2) arrive with ours
+        return [(0, ANSWERS["p0"]), (2, ANSWERS["p2"])] + pairs
+
+    monkeypatch.setattr(callback_module, "greedy_generate", fake)
+    monkeypatch.setattr(accelerate, "PartialState", Rank1)
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather_object)
+    callback = OPSDLEvalCallback(rows, tiny_tokenizer(), max_new_tokens=4, prompt_columns=("prompt",))
+    results = callback.evaluate(None)
+    assert generated == ["p1", "p3"]  # rows 1 and 3 only
+    monkeypatch.setattr(evaluation, "greedy_generate", lambda m, t, prompts, *a, **k: [ANSWERS[p] for p in prompts])
+    expected = evaluate_dataset(None, None, rows, prompt_columns=("prompt",), max_new_tokens=4)
+    assert results["columns"] == expected["columns"] and results["num_rows"] == 4
 
 
 # --- LongBench loaders ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from tests.utils import hotpot_records, tiny_model, tiny_tokenizer
+from tests.conftest import hotpot_records, tiny_model, tiny_tokenizer
 from trl_opsdl.data import (
     BM25Extractor,
     SelfExtractor,

@@ -4,26 +4,14 @@ import copy
 
 import pytest
 import torch
-from datasets import Dataset
 
-from tests.utils import kv_rows, tiny_model, tiny_tokenizer
-from trl_opsdl import OPSDLConfig, OPSDLTrainer, loss_utils
+from tests.conftest import tiny_model, tiny_tokenizer, trainer_for
+from trl_opsdl import loss_utils
 from trl_opsdl.loss_utils import LMHead, chunked_divergence, full_logits_divergence, fused_reverse_kl
 
 
 def make_trainer(tmp_path, model, tokenizer, **config):
-    args = OPSDLConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_completion_length=6,
-        report_to="none",
-        gradient_checkpointing=False,
-        save_strategy="no",
-        **config,
-    )
-    return OPSDLTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(kv_rows(8)), processing_class=tokenizer
-    )
+    return trainer_for(tmp_path, model=model, tokenizer=tokenizer, max_completion_length=6, **config)
 
 
 def completion_logits(model, prompt_ids, completion_ids):

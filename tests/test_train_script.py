@@ -10,8 +10,9 @@ import pytest
 import yaml
 from datasets import Dataset
 
-from tests.utils import kv_rows, tiny_model, tiny_tokenizer
+from tests.conftest import kv_rows, tiny_model, tiny_tokenizer
 from trl_opsdl import OPSDLConfig, cli
+from trl_opsdl.data import load_data
 from trl_opsdl.train import load_pairs, main, make_parser
 
 
@@ -37,30 +38,37 @@ def write_rows(path, rows):
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet", ".csv"])
-def test_load_pairs_reads_local_files(tmp_path, suffix):
+def test_load_data_reads_local_files(tmp_path, suffix):
     rows = [{"prompt": r["prompt"], "teacher_prompt": r["teacher_prompt"]} for r in kv_rows(3)]
-    dataset = load_pairs(write_rows(tmp_path / f"pairs{suffix}", rows))
+    dataset = load_data(write_rows(tmp_path / f"pairs{suffix}", rows), split=None)
     assert list(dataset) == ["train"]
     assert dataset["train"].to_list() == rows
 
 
-def test_load_pairs_reads_folders(tmp_path):
+def test_load_data_reads_folders(tmp_path):
     rows = [{"prompt": r["prompt"], "teacher_prompt": r["teacher_prompt"]} for r in kv_rows(3)]
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))  # a single split, from save_to_disk
-    assert load_pairs(str(tmp_path / "saved"))["train"].to_list() == rows
+    assert load_data(str(tmp_path / "saved"), split=None)["train"].to_list() == rows
     (tmp_path / "files").mkdir()  # a folder of data files, split by file name
     write_rows(tmp_path / "files" / "train.jsonl", rows)
     write_rows(tmp_path / "files" / "test.jsonl", rows[:1])
-    dataset = load_pairs(str(tmp_path / "files"))
+    dataset = load_data(str(tmp_path / "files"), split=None)
     assert sorted(dataset) == ["test", "train"] and dataset["test"].to_list() == rows[:1]
 
 
-def test_load_pairs_names_a_missing_or_unsupported_file(tmp_path):
+def test_load_data_names_a_missing_or_unsupported_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="'missing.jsonl' looks like a local path but does not exist"):
-        load_pairs("missing.jsonl")
+        load_data("missing.jsonl")
     (tmp_path / "pairs.txt").write_text("prompt")
     with pytest.raises(ValueError, match=r"pairs.txt' is a \.txt file; a local dataset must be one of"):
-        load_pairs(str(tmp_path / "pairs.txt"))
+        load_data(str(tmp_path / "pairs.txt"))
+
+
+def test_load_pairs_is_a_deprecated_alias_of_load_data(tmp_path):
+    rows = [{"prompt": "a b", "teacher_prompt": "b"}]
+    with pytest.warns(FutureWarning, match="load_pairs is deprecated"):
+        dataset = load_pairs(write_rows(tmp_path / "pairs.jsonl", rows))
+    assert dataset["train"].to_list() == rows
 
 
 def parse(*argv):
@@ -107,9 +115,11 @@ def test_trl_opsdl_train_help_lists_the_script_arguments(capsys):
         assert flag in out
 
 
-def test_trl_opsdl_train_rejects_an_unknown_argument():
-    with pytest.raises(ValueError, match="--no_such_flag"):
-        cli.main(["train", "--no_such_flag", "1", "--output_dir", "x"])
+def test_trl_opsdl_train_rejects_an_unknown_argument(capsys):
+    # docs/cli.md: a bad input is one line on stderr and exit status 2, as for every subcommand.
+    assert cli.main(["train", "--no_such_flag", "1", "--output_dir", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("trl-opsdl train: error:") and "--no_such_flag" in err and "\n" not in err
 
 
 # ---- the accelerate configs -------------------------------------------------------------------------------------------

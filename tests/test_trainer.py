@@ -9,45 +9,9 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl.trainer.utils import split_tensor_dict
 
-from tests.utils import kv_rows, save_tiny, tiny_model, tiny_tokenizer
-from trl_opsdl import OPSDLConfig, OPSDLTrainer
+from tests.conftest import config, generate, kv_rows, save_tiny, tiny_model, tiny_tokenizer, trainer_for
+from trl_opsdl import OPSDLTrainer
 from trl_opsdl.teacher import EMA_STATE_FILE
-
-
-def config(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_completion_length=5,
-        report_to="none",
-        gradient_checkpointing=False,
-        save_strategy="no",
-        logging_steps=1,
-        learning_rate=1e-3,
-    )
-    defaults.update(kwargs)
-    return OPSDLConfig(**defaults)
-
-
-def trainer_for(tmp_path, rows=None, model=None, tokenizer=None, **kwargs):
-    tokenizer = tokenizer or tiny_tokenizer()
-    model = model if model is not None else tiny_model(tokenizer)
-    peft_config = kwargs.pop("peft_config", None)
-    teacher_model = kwargs.pop("teacher_model", None)
-    dataset = Dataset.from_list(rows if rows is not None else kv_rows(8))
-    return OPSDLTrainer(
-        model=model,
-        teacher_model=teacher_model,
-        args=config(tmp_path, **kwargs),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-
-
-def generate(trainer, n=4):
-    trainer.model.train()
-    return trainer._generate_and_score_completions(list(trainer.train_dataset.select(range(n))))
 
 
 def test_teacher_sees_short_prompt_and_the_same_completion(tmp_path):
@@ -175,13 +139,16 @@ def test_live_teacher_warns_and_uses_current_weights(tmp_path):
     assert module is trainer.model
 
 
-def test_base_teacher_without_peft_is_a_frozen_copy(tmp_path):
-    trainer = trainer_for(tmp_path, max_steps=2)
-    initial = [p.detach().clone() for p in trainer.teacher_model.parameters()]
+def test_base_teacher_without_peft_is_a_frozen_copy_that_does_not_alias_the_student(tmp_path):
+    model = tiny_model(tiny_tokenizer())
+    initial = copy.deepcopy(model)
+    trainer = trainer_for(tmp_path, model=model, max_steps=2)
     trainer.train()
     assert all(not p.requires_grad for p in trainer.teacher_model.parameters())
-    for before, after in zip(initial, trainer.teacher_model.parameters()):
+    # Training moves the student only: the teacher still holds the initial weights.
+    for before, after in zip(initial.parameters(), trainer.teacher_model.parameters(), strict=True):
         assert torch.equal(before, after)
+    assert any(not torch.equal(a, b) for a, b in zip(initial.parameters(), trainer.model.parameters()))
 
 
 @pytest.mark.parametrize("use_peft", [False, True])
@@ -190,7 +157,7 @@ def test_ema_teacher_update_and_checkpoint_round_trip(tmp_path, use_peft):
     trainer = trainer_for(
         tmp_path,
         teacher_model_kind="ema",
-        teacher_ema_decay=0.5,
+        teacher_update_rate=0.5,
         max_steps=2,
         save_strategy="steps",
         save_steps=1,
@@ -208,7 +175,7 @@ def test_ema_teacher_update_and_checkpoint_round_trip(tmp_path, use_peft):
     # Resume: a fresh trainer restores the EMA teacher from the checkpoint, not from its own initial weights.
     at_step_1 = torch.load(os.path.join(tmp_path, "checkpoint-1", EMA_STATE_FILE))
     resumed = trainer_for(
-        tmp_path, teacher_model_kind="ema", teacher_ema_decay=0.5, max_steps=2, save_strategy="no", peft_config=lora
+        tmp_path, teacher_model_kind="ema", teacher_update_rate=0.5, max_steps=2, save_strategy="no", peft_config=lora
     )
     loaded = {}
     original = resumed.ema_teacher.load_state_dict
@@ -219,7 +186,7 @@ def test_ema_teacher_update_and_checkpoint_round_trip(tmp_path, use_peft):
 
 
 def test_ema_update_rule(tmp_path):
-    trainer = trainer_for(tmp_path, teacher_model_kind="ema", teacher_ema_decay=0.9)
+    trainer = trainer_for(tmp_path, teacher_model_kind="ema", teacher_update_rate=0.1)
     teacher0 = [t.clone() for t in trainer.ema_teacher.state_dict()]
     with torch.no_grad():
         for p in trainer.model.parameters():
@@ -227,6 +194,12 @@ def test_ema_update_rule(tmp_path):
     trainer.ema_teacher.on_step_end(trainer.args, trainer.state, trainer.control)
     for before, after, student in zip(teacher0, trainer.ema_teacher.state_dict(), trainer.model.parameters()):
         torch.testing.assert_close(after, 0.9 * before + 0.1 * student.detach())
+
+
+def test_teacher_ema_decay_is_a_deprecated_alias_of_the_update_rate(tmp_path):
+    with pytest.warns(FutureWarning, match="teacher_ema_decay is deprecated.*teacher_update_rate=0.25"):
+        args = config(tmp_path, teacher_model_kind="ema", teacher_ema_decay=0.75)
+    assert args.teacher_update_rate == pytest.approx(0.25)
 
 
 def test_model_card_cites_opsdl(tmp_path):
@@ -274,14 +247,24 @@ def test_short_prompt_ratio_replaces_student_prompts(tmp_path):
     torch.testing.assert_close(batch["prompt_ids"], batch["teacher_prompt_ids"])
 
 
-def test_exclude_eos_from_loss_masks_end_tokens(tmp_path):
-    trainer = trainer_for(tmp_path, exclude_eos_from_loss=True)
+def fixed_completions(trainer, completion):
+    """Replace the parent's generation by `completion` (token ids) for every prompt."""
+    trainer._generate_single_turn = lambda prompt_ids, *args, **kwargs: [list(completion) for _ in prompt_ids]
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_exclude_eos_from_loss_masks_end_tokens(tmp_path, exclude):
+    trainer = trainer_for(tmp_path, exclude_eos_from_loss=exclude)
+    tokenizer = trainer.processing_class
+    words = tokenizer.convert_tokens_to_ids(["w1", "w2"])
+    fixed_completions(trainer, [*words, tokenizer.eos_token_id])  # two words, then the end token
     batch = generate(trainer)
-    eos = trainer.processing_class.eos_token_id
-    batch["completion_ids"][:, 1] = eos
-    batch["completion_mask"][:, :2] = 1
-    batch["loss_mask"] = batch["completion_mask"] * (batch["completion_ids"] != eos).long()
-    assert (batch["loss_mask"][batch["completion_ids"] == eos] == 0).all()
+    assert batch["completion_mask"].sum().item() == 4 * 3  # the end token is a completion token ...
+    is_eos = batch["completion_ids"] == tokenizer.eos_token_id
+    assert is_eos.sum().item() == 4
+    # ... which the trainer leaves out of the loss, and out of the count that normalizes it, when asked to.
+    assert (batch["loss_mask"][is_eos] == (0 if exclude else 1)).all()
+    assert batch["num_items_in_batch"].item() == 4 * (2 if exclude else 3)
     assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
 
 
@@ -304,15 +287,6 @@ def test_all_completions_empty_give_zero_loss_not_nan(tmp_path):
     assert loss.item() == 0.0 and not torch.isnan(loss)
 
 
-def test_non_finite_loss_names_the_step(tmp_path):
-    trainer = trainer_for(tmp_path)
-    batch = generate(trainer)
-    with torch.no_grad():
-        trainer.model.lm_head.weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="global step 0"):
-        trainer.compute_loss(trainer.model, batch)
-
-
 def test_explicit_teacher_model(tmp_path):
     tokenizer = tiny_tokenizer()
     teacher = tiny_model(tokenizer, seed=1, hidden_size=64)  # wider is fine: only the vocabulary must match
@@ -320,16 +294,6 @@ def test_explicit_teacher_model(tmp_path):
     assert trainer.teacher_kind == "explicit"
     trainer.train()
     assert trainer.state.log_history[0]["opsdl/reverse_kl"] > 0
-
-
-def test_explicit_teacher_state_is_untouched_after_a_copy(tmp_path):
-    # Guard against the frozen copy aliasing the student: training moves the student only.
-    model = tiny_model(tiny_tokenizer())
-    reference = copy.deepcopy(model)
-    trainer = trainer_for(tmp_path, model=model, max_steps=1)
-    trainer.train()
-    for a, b in zip(reference.parameters(), trainer.teacher_model.parameters()):
-        assert torch.equal(a, b)
 
 
 def test_evaluate_reports_the_kl_on_an_eval_set(tmp_path):

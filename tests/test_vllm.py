@@ -13,7 +13,7 @@ from trl.distributed import DistributedBackend
 from trl.generation.vllm_generation import VLLMGeneration
 from trl.import_utils import is_vllm_available
 
-from tests.utils import kv_rows, tiny_model, tiny_tokenizer
+from tests.conftest import kv_rows, tiny_model, tiny_tokenizer
 from trl_opsdl import OPSDLConfig, OPSDLTrainer
 from trl_opsdl.train import main, make_parser
 

@@ -15,9 +15,9 @@ def _user_errors(run):
     import functools
 
     @functools.wraps(run)
-    def wrapper(args):
+    def wrapper(args, *extra):
         try:
-            return run(args)
+            return run(args, *extra)
         except (ValueError, FileNotFoundError) as error:
             print(f"trl-opsdl {args.command}: error: {error}", file=sys.stderr)
             return 2
@@ -98,7 +98,7 @@ def _write_jsonl(dataset, path, tokenizer=None):
     import json
     import os
 
-    from trl_opsdl.data.extract import dataset_report
+    from trl_opsdl.data import dataset_report
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     dataset.to_json(path, lines=True, force_ascii=False)
@@ -182,8 +182,7 @@ def _load_model(path):
 
 @_user_errors
 def _run_build_extract(args):
-    from trl_opsdl.data import BM25Extractor, SelfExtractor, build_from_columns, load_tokenizer
-    from trl_opsdl.data.qa import load_records
+    from trl_opsdl.data import BM25Extractor, SelfExtractor, build_from_columns, load_records, load_tokenizer
 
     tokenizer_path = args.tokenizer or args.model
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
@@ -231,14 +230,12 @@ def _add_eval(subparsers):
 def _run_eval(args):
     import json
 
-    from trl_opsdl.data import BM25Extractor, load_tokenizer
+    from trl_opsdl.data import BM25Extractor, load_records, load_tokenizer
     from trl_opsdl.evaluation import evaluate_dataset, load_longbench, load_longbench_v2, save_results
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     extractor = BM25Extractor(tokenizer=tokenizer) if args.extractor == "bm25" else None
     if args.format == "opsdl":
-        from trl_opsdl.data.qa import load_records
-
         dataset = load_records(args.data)
     elif args.format == "longbench":
         dataset = load_longbench(args.data, None, tokenizer, args.max_length, args.conversational, extractor)
@@ -258,12 +255,21 @@ def _run_eval(args):
 # --- demo ---------------------------------------------------------------------------------------------------------
 
 
-# `DemoConfig` fields the command line can change; None keeps the documented default.
-_DEMO_OVERRIDES = {
-    "seed": int, "max_steps": int, "batch_size": int, "learning_rate": float, "temperature": float,
-    "short_prompt_ratio": float, "distillation_mode": str, "teacher_model_kind": str, "eval_examples": int,
-    "num_threads": int,
-}  # fmt: skip
+def _demo_field_type(field):
+    """The argparse `type`/`action` of a `DemoConfig` field, from its annotation."""
+    import types
+    import typing
+
+    kind = field.type
+    if isinstance(kind, types.UnionType):  # `str | None`
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(kind) is tuple:
+        if typing.get_args(kind)[0] is int:
+            return {"type": _int_list, "metavar": "N,N,..."}
+        return {"type": lambda text: [x.strip() for x in text.split(",") if x.strip()], "metavar": "NAME,NAME,..."}
+    return {"type": kind}
 
 
 def _add_demo(subparsers):
@@ -273,8 +279,6 @@ def _add_demo(subparsers):
         description="Evaluates the shipped 0.8M-parameter demo model on short and long key-value retrieval, trains it "
         "with OPSDLTrainer on long prompts, evaluates again, and writes results.json and a plot (docs/demo.md).",
     )
-    p.add_argument("--output-dir", default="opsdl-demo", help="Where results.json and the plots go.")
-    p.add_argument("--model-path", default=None, help="Demo model folder (default: the one shipped in the package).")
     p.add_argument(
         "--rebuild-model",
         action="store_true",
@@ -286,63 +290,63 @@ def _add_demo(subparsers):
     p.add_argument("--methods", default=None, help="With --compare/--ablation: comma-separated method names.")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="With --compare/--ablation, e.g. 0,1,2.")
     p.add_argument("--eval-every", type=int, default=25, help="With --compare: steps between curve points.")
-    p.add_argument("--long-pairs", type=_int_list, default=None, help="Long settings, e.g. 16,24,32.")
-    p.add_argument(
-        "--lora",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="LoRA (default) or all weights (--no-lora).",
-    )
-    p.add_argument("--save-model", action="store_true", default=None, help="Also save the trained model.")
-    for name, kind in _DEMO_OVERRIDES.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="Default: see docs/demo.md.")
-    real = p.add_argument_group("the real path (--real): a pretrained instruct model on SQuAD articles")
+    # Every `DemoConfig` field is an option (`--max-steps`, `--no-lora`, `--long-pairs 16,24,32`, ...); an option left
+    # out keeps the documented default (docs/demo.md).
+    import dataclasses
+
+    from trl_opsdl.demo.config import DemoConfig
+
+    defaults = DemoConfig()
+    for field in dataclasses.fields(DemoConfig):
+        default = getattr(defaults, field.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
+                       help=f"Default: {shown}.", **_demo_field_type(field))  # fmt: skip
+    # `--real`: the real-model demo (docs/real_demo.md); its own fields are options too, the shared ones above apply.
+    from trl_opsdl.demo.config import RealDemoConfig
+
+    real = p.add_argument_group("the real path: a pretrained instruct model on SQuAD articles (docs/real_demo.md)")
+    real.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct on real Wikipedia articles.")
     real.add_argument(
-        "--real", action="store_true", help="SmolLM2-135M-Instruct on real documents (docs/real_demo.md)."
+        "--quick", action="store_true", help="With --real: the same pipeline at toy size (what CI runs)."
     )
-    real.add_argument("--quick", action="store_true", help="With --real: the same pipeline at toy size (CI).")
-    real.add_argument("--model", default=None, help="With --real: a .gguf file, model folder or hub id.")
-    real.add_argument("--squad", default=None, help="With --real: a SQuAD-format JSON (default: SQuAD dev, PyPI).")
-    real.add_argument(
-        "--overwrite", action="store_true", help="Replace the results of an earlier run in --output-dir."
-    )
-    for name, kind in _REAL_OVERRIDES.items():
-        real.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="With --real; see the docs.")
+    real_defaults, shared = RealDemoConfig(), {f.name for f in dataclasses.fields(DemoConfig)}
+    for field in dataclasses.fields(RealDemoConfig):
+        if field.name in shared or field.name == "extra":
+            continue
+        default = getattr(real_defaults, field.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        real.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
+                          help=f"With --real. Default: {shown}.", **_demo_field_type(field))  # fmt: skip
     p.set_defaults(run=_run_demo)
 
 
-_REAL_OVERRIDES = {
-    "eval_lengths": _int_list, "train_lengths": _int_list, "eval_short": int, "eval_long": int,
-    "max_completion_length": int, "lora_r": int, "system_prompt": str, "num_eval_articles": int,
-}  # fmt: skip
-
-
-def _run_real_demo(args):
+def _run_real_demo(args, overrides: dict):
     import dataclasses
 
-    from trl_opsdl import real_demo
+    from trl_opsdl.demo.config import RealDemoConfig
 
-    overrides = {name: getattr(args, name) for name in (*_DEMO_OVERRIDES, *_REAL_OVERRIDES)}
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
-    overrides.pop("eval_examples", None)
-    if args.output_dir == "opsdl-demo":  # the toy demo's default folder: the real one has its own
-        args.output_dir = "opsdl-demo-real"
-    config = real_demo.RealDemoConfig(output_dir=args.output_dir, model=args.model, squad=args.squad,
-                                      overwrite=args.overwrite)  # fmt: skip
+    config = RealDemoConfig()
     if args.quick:
-        config = real_demo.quick_config(config)
+        from trl_opsdl.demo.real import quick_config
+
+        config = quick_config(config)
     config = dataclasses.replace(config, **overrides)
     if args.compare:
-        methods = real_demo.REAL_COMPARE_METHODS
+        from trl_opsdl.demo.real_compare import REAL_COMPARE_METHODS, run_real_compare
+
+        methods = REAL_COMPARE_METHODS
         if args.methods:
             wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
             unknown = [m for m in wanted if m not in methods]
             if unknown:
                 raise ValueError(f"--methods {unknown} not in the comparison; choose from {list(methods)}.")
             methods = {m: methods[m] for m in wanted}
-        real_demo.run_real_compare(config, methods, seeds=tuple(args.seeds))
+        run_real_compare(config, methods, seeds=tuple(args.seeds))
     else:
-        real_demo.run_real_demo(config)
+        from trl_opsdl.demo.real import run_real_demo
+
+        run_real_demo(config)
     return 0
 
 
@@ -350,36 +354,53 @@ def _run_real_demo(args):
 def _run_demo(args):
     import dataclasses
 
-    from trl_opsdl import demo
+    from trl_opsdl.demo.config import DemoConfig, RealDemoConfig
 
+    given = {name for name, value in vars(args).items() if value is not None and value is not False}
+    toy_only = {f.name for f in dataclasses.fields(DemoConfig)} - {f.name for f in dataclasses.fields(RealDemoConfig)}
+    real_only = {f.name for f in dataclasses.fields(RealDemoConfig)} - {f.name for f in dataclasses.fields(DemoConfig)}
     if args.real:
-        return _run_real_demo(args)
-    if args.quick or args.model or args.squad:
-        raise ValueError("--quick, --model and --squad go with --real (the toy demo takes --model-path).")
-
-    names = (*_DEMO_OVERRIDES, "lora", "save_model")
-    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.long_pairs:
-        overrides["long_pairs"] = tuple(args.long_pairs)
-    config = dataclasses.replace(
-        demo.DemoConfig(), output_dir=args.output_dir, model_path=args.model_path, **overrides
-    )
+        wrong = sorted(given & (toy_only | {"rebuild_model", "ablation"}))
+        if wrong:
+            raise ValueError(f"--{wrong[0].replace('_', '-')} is an option of the toy demo, not of --real.")
+        overrides = {}
+        for field in dataclasses.fields(RealDemoConfig):
+            value = getattr(args, field.name, None)
+            if value is not None:
+                overrides[field.name] = tuple(value) if isinstance(value, list) else value
+        return _run_real_demo(args, overrides)
+    wrong = sorted(given & (real_only | {"quick"}))
+    if wrong:
+        raise ValueError(f"--{wrong[0].replace('_', '-')} goes with --real (the real-model demo).")
+    overrides = {}
+    for field in dataclasses.fields(DemoConfig):
+        value = getattr(args, field.name)
+        if value is not None:
+            overrides[field.name] = tuple(value) if isinstance(value, list) else value
+    config = dataclasses.replace(DemoConfig(), **overrides)
     if args.rebuild_model:
-        target = args.model_path or str(demo.DEMO_MODEL_DIR)
-        demo.pretrain_demo_model(output_dir=target)
+        from trl_opsdl.demo.model import DEMO_MODEL_DIR
+        from trl_opsdl.demo.pretrain import pretrain_demo_model
+
+        target = args.model_path or str(DEMO_MODEL_DIR)
+        pretrain_demo_model(output_dir=target)
         config = dataclasses.replace(config, model_path=target)
     if args.compare or args.ablation:
+        from trl_opsdl.demo.compare import METHOD_SETS, run_compare
+
         name = "ablation" if args.ablation else "compare"
-        methods = demo.METHOD_SETS[name]
+        methods = METHOD_SETS[name]
         if args.methods:
             wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
             unknown = [m for m in wanted if m not in methods]
             if unknown:
                 raise ValueError(f"--methods {unknown} not in the {name} set; choose from {list(methods)}.")
             methods = {m: methods[m] for m in wanted}
-        demo.run_compare(config, methods, seeds=tuple(args.seeds), eval_every=args.eval_every, name=name)
+        run_compare(config, methods, seeds=tuple(args.seeds), eval_every=args.eval_every, name=name)
     else:
-        demo.run_demo(config)
+        from trl_opsdl.demo.toy import run_demo
+
+        run_demo(config)
     return 0
 
 
@@ -424,6 +445,7 @@ def _add_train(subparsers):
     p.set_defaults(run=_run_train, accepts_extra=True)
 
 
+@_user_errors
 def _run_train(args, extra):
     from trl_opsdl.train import main, make_parser
 

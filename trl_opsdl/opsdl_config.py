@@ -13,6 +13,11 @@ TRUNCATION_POLICIES = ("error", "middle", "left")
 CHECKPOINTING_POLICIES = ("full", "selective")
 
 
+def default_bf16(fp16: bool) -> bool:
+    """`bf16` when the user leaves it unset: on only where a CUDA device supports it, and never with fp16."""
+    return not fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 @dataclass
 class OPSDLConfig(DistillationConfig):
     r"""
@@ -33,9 +38,11 @@ class OPSDLConfig(DistillationConfig):
             initial weights (with PEFT, the same model with its adapters disabled, at no extra memory; without PEFT, a
             frozen copy). `"live"`: the current weights under no-grad — student and teacher drift together and can
             collapse (see the docs). `"ema"`: an exponential moving average of the student, saved in checkpoints.
-        teacher_ema_decay (`float`, *optional*, defaults to `0.99`):
-            With `teacher_model_kind="ema"`, after each optimizer step `teacher = decay * teacher + (1 - decay) *
-            student`.
+        teacher_update_rate (`float`, *optional*, defaults to `0.01`):
+            With `teacher_model_kind="ema"`, after each optimizer step `teacher = (1 - rate) * teacher + rate *
+            student` (the name and rule of TRL's `SDFTConfig`; its update is TRL's `SyncRefModelCallback`).
+        teacher_ema_decay (`float`, *optional*):
+            Deprecated alias: `teacher_update_rate = 1 - teacher_ema_decay`. Warns; removed in 0.3.
 
         > Parameters that control the loss
 
@@ -112,9 +119,13 @@ class OPSDLConfig(DistillationConfig):
             "choices": list(TEACHER_KINDS),
         },
     )
-    teacher_ema_decay: float = field(
-        default=0.99,
-        metadata={"help": "EMA teacher: teacher = decay * teacher + (1 - decay) * student after each step."},
+    teacher_update_rate: float = field(
+        default=0.01,
+        metadata={"help": "EMA teacher: teacher = (1 - rate) * teacher + rate * student after each step."},
+    )
+    teacher_ema_decay: float | None = field(
+        default=None,
+        metadata={"help": "Deprecated: use teacher_update_rate = 1 - teacher_ema_decay."},
     )
 
     # Parameters that control the loss
@@ -181,7 +192,10 @@ class OPSDLConfig(DistillationConfig):
     def __post_init__(self):
         # The parent turns bf16 on whenever fp16 is off, which fails on a machine without a bf16-capable GPU.
         if self.bf16 is None:
-            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            self.bf16 = default_bf16(self.fp16)
+        # Pinned host memory only serves a copy to an accelerator; without one torch ignores it and warns every epoch.
+        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False
         super().__post_init__()
 
         if self.teacher_model_kind not in TEACHER_KINDS:
@@ -204,10 +218,24 @@ class OPSDLConfig(DistillationConfig):
                 f"distillation_mode={self.distillation_mode!r} estimates the reverse KL only, but beta={self.beta}. "
                 "Set beta=1.0, or use distillation_mode='full_logits' for forward KL (0.0) or JSD (0 < beta < 1)."
             )
-        if not 0.0 < self.teacher_ema_decay < 1.0:
+        if self.teacher_ema_decay is not None:
+            if not 0.0 <= self.teacher_ema_decay < 1.0:
+                raise ValueError(
+                    f"teacher_ema_decay={self.teacher_ema_decay} must be in [0, 1); better, set "
+                    "teacher_update_rate = 1 - decay (0.01 keeps the teacher close to its recent past)."
+                )
+            self.teacher_update_rate = 1.0 - self.teacher_ema_decay
+            warnings.warn(
+                f"teacher_ema_decay is deprecated and will be removed in 0.3: use "
+                f"teacher_update_rate={self.teacher_update_rate:g} (= 1 - teacher_ema_decay), TRL's SDFT name.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.teacher_ema_decay = None  # one source of truth; the config round-trips through to_dict() without it
+        if not 0.0 < self.teacher_update_rate <= 1.0:
             raise ValueError(
-                f"teacher_ema_decay={self.teacher_ema_decay} must be in (0, 1); 0.99 keeps the teacher close to "
-                "its recent past."
+                f"teacher_update_rate={self.teacher_update_rate} must be in (0, 1]; 0.01 keeps the teacher close to "
+                "its recent past, 1.0 copies the student after each step."
             )
         if self.loss_top_k < 1:
             raise ValueError(f"loss_top_k={self.loss_top_k} must be at least 1 (20 is a good default).")
@@ -250,12 +278,13 @@ class OPSDLConfig(DistillationConfig):
         # and TRL passes them again when it re-enables checkpointing after generation: the policy travels there.
         from .checkpointing import SELECTIVE_CHECKPOINTING
 
-        if not self.activation_checkpointing:
+        # `activation_checkpointing` is transformers' newer name (5.18+); older 5.x releases only have the old one.
+        if not getattr(self, "activation_checkpointing", self.gradient_checkpointing):
             raise ValueError(
                 "activation_checkpointing_policy='selective' needs gradient_checkpointing=True (it chooses what a "
                 "checkpointed layer keeps). Set gradient_checkpointing=True, or leave the policy at 'full'."
             )
-        kwargs = dict(self.activation_checkpointing_kwargs or {})
+        kwargs = dict(getattr(self, "activation_checkpointing_kwargs", self.gradient_checkpointing_kwargs) or {})
         if kwargs.get("use_reentrant"):
             raise ValueError(
                 "activation_checkpointing_policy='selective' needs non-reentrant checkpointing, but "

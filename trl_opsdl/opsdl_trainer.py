@@ -1,4 +1,8 @@
-"""`OPSDLTrainer`: TRL's on-policy `DistillationTrainer` with the model as its own teacher on a short prompt."""
+"""`OPSDLTrainer`: TRL's on-policy `DistillationTrainer` with the model as its own teacher on a short prompt.
+
+One class, as TRL writes its trainers (about 460 lines): the input checks, the generation override that adds the
+teacher prompt, and the loss override that runs the teacher on it, each commented with what the parent does.
+"""
 
 import os
 import random
@@ -19,6 +23,9 @@ from .teacher import EMATeacher, add_ema_adapter, frozen_copy, teacher_context
 
 
 logger = get_logger(__name__)
+# PEFT's `PeftModel.__init__` and TRL's `unwrap_model_for_generation` read transformers' deprecated
+# `is_gradient_checkpointing`: a FutureWarning about library internals, on every run, that no user setting changes.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def fit_to_length(ids: list[int], max_length: int | None, policy: str, what: str, text) -> tuple[list[int], bool]:
@@ -165,7 +172,7 @@ class OPSDLTrainer(DistillationTrainer):
                 self.teacher_model = None
             else:
                 self.teacher_model = frozen_copy(self.model, args, self.accelerator)
-            self.ema_teacher = EMATeacher(self.model, self.teacher_model, args.teacher_ema_decay, self.accelerator)
+            self.ema_teacher = EMATeacher(self.model, self.teacher_model, args.teacher_update_rate, self.accelerator)
             self.add_callback(self.ema_teacher)
         elif self.teacher_kind in ("base", "live"):
             self.teacher_model = None  # the student's weights, under `teacher_context`
@@ -175,9 +182,11 @@ class OPSDLTrainer(DistillationTrainer):
         # after generation, which TRL 1.16 refuses for generating trainers (see trl_opsdl/sequence_parallel.py).
         self._sp_group = None
         if args.sequence_parallel_size > 1:
+            student = self.accelerator.unwrap_model(self.model)
             sequence_parallel.check_sequence_parallel(
-                self.accelerator.unwrap_model(self.model), args.sequence_parallel_size, self.accelerator.num_processes
+                student, args.sequence_parallel_size, self.accelerator.num_processes
             )
+            sequence_parallel.use_ulysses_attention(student)  # this model only: no process-wide kernel swap
             self._sp_group = sequence_parallel.sequence_parallel_group(args.sequence_parallel_size)
         # Callbacks that evaluate with the trainer's model and log through its reporters (OPSDLEvalCallback) get it
         # here, so a user can't forget to hand it over.

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 SP_KWARG = "opsdl_sequence_parallel"  # forwarded by transformers from the backbone call down to the attention function
 SUPPORTED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+ULYSSES_PREFIX = "opsdl_ulysses_"  # + one of SUPPORTED_ATTENTION: the named attention of `ulysses_attention_name`
 _GROUPS = {}
 
 
@@ -90,7 +91,7 @@ def check_sequence_parallel(model, sp_size: int, world_size: int) -> None:
     )
     if problem:
         raise ValueError(problem)
-    implementation = model.config._attn_implementation
+    implementation = model.config._attn_implementation.removeprefix(ULYSSES_PREFIX)
     if implementation not in SUPPORTED_ATTENTION:
         raise ValueError(
             f"Sequence parallelism runs the model's attention kernel on whole sequences without a mask, which "
@@ -192,21 +193,27 @@ def _ulysses_attention(core, state, module, query, key, value, *args, **kwargs):
     return _heads_to_sequence(out_BSHD, state), None
 
 
-def install_ulysses_attention(implementation: str) -> None:
-    """Wrap transformers' attention function for `implementation` so a call carrying the SP state runs Ulysses.
+def ulysses_attention_name(implementation: str) -> str:
+    """The name of the attention that runs Ulysses over `implementation` (`sdpa`, flash), registered on first use.
 
-    Calls without it (generation, the teacher's forward, any other model) go to the original function unchanged.
-    Idempotent.
+    It is registered with transformers' `AttentionInterface` (and its mask function with `AttentionMaskInterface`) as
+    `opsdl_ulysses_<implementation>`: a call carrying the SP state runs Ulysses around the original kernel; a call
+    without it (generation, the teacher's forward) goes to the original kernel unchanged. `sdpa` itself is never
+    replaced, so other models in the process are not touched.
     """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if implementation not in SUPPORTED_ATTENTION:
+    core_name = implementation.removeprefix(ULYSSES_PREFIX)
+    if core_name not in SUPPORTED_ATTENTION:
         raise ValueError(
             f"attn_implementation={implementation!r} cannot run sequence-parallel; use one of {SUPPORTED_ATTENTION}."
         )
-    core = ALL_ATTENTION_FUNCTIONS[implementation]
-    if getattr(core, "_opsdl_ulysses", False):
-        return
+    name = ULYSSES_PREFIX + core_name
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+    core = ALL_ATTENTION_FUNCTIONS[core_name]
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         state = kwargs.pop(SP_KWARG, None)
@@ -214,8 +221,16 @@ def install_ulysses_attention(implementation: str) -> None:
             return core(module, query, key, value, attention_mask, *args, **kwargs)
         return _ulysses_attention(core, state, module, query, key, value, *args, **kwargs)
 
-    attention._opsdl_ulysses = True
-    ALL_ATTENTION_FUNCTIONS[implementation] = attention
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[core_name])
+    return name
+
+
+def use_ulysses_attention(model) -> None:
+    """Point `model`'s attention (only this model's config and its sub-configs) at [`ulysses_attention_name`].
+    Idempotent."""
+    config = model.config
+    config._attn_implementation = ulysses_attention_name(config._attn_implementation)
 
 
 @dataclass(frozen=True)
@@ -301,7 +316,7 @@ def sp_student_hidden_states(model, input_ids_BL, attention_mask_BL, logits_to_k
     state = _state(group)
     if is_peft_model(model):
         model = model.base_model.model
-    install_ulysses_attention(model.config._attn_implementation)
+    use_ulysses_attention(model)
     plan = rotation_plan(attention_mask_BL, logits_to_keep, state.size)
     rotated_BL = input_ids_BL.gather(1, plan.gather_index_BL)
     extra = plan.padded_length - rotated_BL.shape[1]

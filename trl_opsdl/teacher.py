@@ -5,8 +5,10 @@ Kinds (`OPSDLConfig.teacher_model_kind`):
   Without PEFT, a frozen copy: a deepcopy when the weights are whole, else rebuilt from the model's path (a deepcopy of
   a ZeRO-3 model copies empty shards).
 - `live`: the student's current weights, under no-grad.
-- `ema`: an exponential moving average of the student. With LoRA, a second adapter on the same model; otherwise a
-  frozen copy. Its weights are saved in every checkpoint (`opsdl_teacher_ema.pt`) and restored on resume.
+- `ema`: an exponential moving average of the student, updated by TRL's `SyncRefModelCallback` rule (ZeRO-3
+  gathering included) at `OPSDLConfig.teacher_update_rate`. With LoRA, a second adapter on the same model; otherwise a
+  frozen copy. Its weights are saved in every checkpoint (`opsdl_teacher_ema.pt`) and restored on resume, which TRL's
+  callback does not do.
 """
 
 import contextlib
@@ -15,9 +17,9 @@ import os
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl.models import prepare_deepspeed
+from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
 
@@ -93,14 +95,18 @@ def _gathered(params: list[torch.Tensor], modifier_rank=None):
         yield
 
 
-class EMATeacher(TrainerCallback):
-    """Keeps the `ema` teacher at `decay * teacher + (1 - decay) * student` after every optimizer step.
+class EMATeacher(SyncRefModelCallback):
+    """Keeps the `ema` teacher at `(1 - rate) * teacher + rate * student` after every optimizer step.
 
-    `teacher` is a separate frozen model, or `None` when the student carries the EMA as a second LoRA adapter.
+    The update is TRL's `SyncRefModelCallback.sync_target_model` (which gathers ZeRO-3 shards and updates on rank 0).
+    `teacher` is a separate frozen model, or `None` when the student carries the EMA as a second LoRA adapter: the
+    adapter pairs are then handed to the same update as two parameter lists. OPSDL adds what TRL's callback lacks:
+    the teacher's state in checkpoints, and its restoration on resume.
     """
 
-    def __init__(self, student, teacher, decay: float, accelerator):
-        self.student, self.teacher, self.decay, self.accelerator = student, teacher, decay, accelerator
+    def __init__(self, student, teacher, update_rate: float, accelerator):
+        super().__init__(ref_model=teacher, accelerator=accelerator)
+        self.student, self.teacher, self.update_rate = student, teacher, update_rate
         self.resume_from: str | None = None
 
     def _pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -114,11 +120,10 @@ class EMATeacher(TrainerCallback):
 
     @torch.no_grad()
     def on_step_end(self, args, state, control, **kwargs):
+        # The parent reads `ref_model_sync_steps` / `ref_model_mixup_alpha` (DPO's names) and takes whole models; the
+        # EMA here updates every step at its own rate, over parameter lists that may be two adapters of one model.
         student, teacher = self._pairs()
-        with _gathered(student + teacher, modifier_rank=0):
-            if not is_deepspeed_zero3_enabled() or torch.distributed.get_rank() == 0:
-                for s, t in zip(student, teacher, strict=True):
-                    t.lerp_(s.to(t.dtype), 1.0 - self.decay)
+        self.sync_target_model(torch.nn.ParameterList(student), torch.nn.ParameterList(teacher), self.update_rate)
 
     def state_dict(self) -> list[torch.Tensor]:
         _, teacher = self._pairs()

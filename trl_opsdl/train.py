@@ -8,38 +8,19 @@ file or folder, or a hub id), load the tokenizer, train `OPSDLTrainer`, save, pu
 import os
 
 
-DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
 def load_pairs(name: str, config: str | None = None, streaming: bool = False):
-    """Load a dataset with `prompt` / `teacher_prompt` columns as a `DatasetDict`.
+    """Deprecated: use `trl_opsdl.data.load_data(name, split=None, config=config, streaming=streaming)`."""
+    import warnings
 
-    `name` is a local data file (.json, .jsonl, .parquet, .csv), a folder (written by `save_to_disk`, or holding data
-    files), or a dataset id on the Hub.
-    """
-    from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
+    from .data.reader import load_data
 
-    name = os.path.expanduser(name)  # a `~/...` path from a YAML config is not expanded by a shell
-    extension = os.path.splitext(name)[1].lower()
-    if os.path.isdir(name):
-        saved = any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json"))
-        dataset = load_from_disk(name) if saved else load_dataset(name, name=config, streaming=streaming)
-    elif os.path.isfile(name):
-        if extension not in DATA_FILE_BUILDERS:
-            raise ValueError(
-                f"--dataset_name {name!r} is a {extension or 'extension-less'} file; a local dataset must be one of "
-                f"{sorted(DATA_FILE_BUILDERS)} or a folder (from `Dataset.save_to_disk` or holding such files)."
-            )
-        dataset = load_dataset(DATA_FILE_BUILDERS[extension], data_files=name, streaming=streaming)
-    elif extension in DATA_FILE_BUILDERS or name.startswith((".", "/")):
-        raise FileNotFoundError(
-            f"--dataset_name {name!r} looks like a local path but does not exist (working directory: {os.getcwd()})."
-        )
-    else:
-        dataset = load_dataset(name, name=config, streaming=streaming)
-    if isinstance(dataset, (Dataset, IterableDataset)):  # `load_from_disk` of a single split
-        dataset = DatasetDict({"train": dataset})
-    return dataset
+    warnings.warn(
+        "trl_opsdl.train.load_pairs is deprecated and will be removed in 0.3; use "
+        "trl_opsdl.data.load_data(name, split=None, config=..., streaming=...).",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return load_data(name, split=None, config=config, streaming=streaming)
 
 
 def check_vllm(training_args) -> None:
@@ -59,8 +40,9 @@ def main(script_args, training_args, model_args):
     from packaging.version import Version
     from trl import get_peft_config, get_quantization_config
 
-    from .data import load_tokenizer
+    from .data.reader import load_data
     from .opsdl_trainer import OPSDLTrainer
+    from .tokenization import load_tokenizer
 
     if script_args.dataset_name is None:
         raise ValueError(
@@ -73,26 +55,24 @@ def main(script_args, training_args, model_args):
 
     # The model is passed to the trainer as a path, not an instance: under ZeRO-3 the frozen `base` teacher is rebuilt
     # from it (a copy of a sharded model holds empty shards).
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    model_init_kwargs.update(training_args.model_init_kwargs or {})
-    training_args.model_init_kwargs = model_init_kwargs
+    def init_kwargs(revision, overrides):  # the model flags, then what the config's `*_init_kwargs` say
+        kwargs = dict(revision=revision, trust_remote_code=training_args.trust_remote_code,
+                      attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)  # fmt: skip
+        return {**kwargs, **(overrides or {})}
+
+    training_args.model_init_kwargs = init_kwargs(model_args.model_revision, training_args.model_init_kwargs)
     teacher_model = training_args.teacher_model_name_or_path  # an explicit teacher; None: the model itself
     if teacher_model is not None:
-        teacher_init_kwargs = dict(
-            revision=training_args.teacher_model_revision,
-            trust_remote_code=training_args.trust_remote_code,
-            attn_implementation=model_args.attn_implementation,
-            dtype=model_args.dtype,
+        training_args.teacher_model_init_kwargs = init_kwargs(
+            training_args.teacher_model_revision, training_args.teacher_model_init_kwargs
         )
-        teacher_init_kwargs.update(training_args.teacher_model_init_kwargs or {})
-        training_args.teacher_model_init_kwargs = teacher_init_kwargs
 
-    dataset = load_pairs(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
+    try:
+        dataset = load_data(
+            script_args.dataset_name, None, script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"--dataset_name: {error}") from error
     needed = [script_args.dataset_train_split]
     if training_args.eval_strategy != "no":
         needed.append(script_args.dataset_test_split)
@@ -104,7 +84,7 @@ def main(script_args, training_args, model_args):
             )
 
     # A local folder's tokenizer.json is loaded as is: AutoTokenizer can rebuild another tokenizer from the model type
-    # and silently drop words (see `trl_opsdl.data.load_tokenizer`), which would make the loss zero.
+    # and silently drop words (see `trl_opsdl.tokenization.load_tokenizer`), which would make the loss zero.
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     trainer = OPSDLTrainer(
         model=model_args.model_name_or_path,

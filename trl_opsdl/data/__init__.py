@@ -1,10 +1,13 @@
 """Long/short pair builders: each returns a `datasets.Dataset` with `prompt`, `teacher_prompt`, `answers` and
 metadata columns, ready for `OPSDLTrainer` and `trl_opsdl.evaluation`."""
 
-from .extract import BM25Extractor, SelfExtractor, build_from_columns, dataset_report, evidence_recall, split_chunks
-from .qa import QA_FORMATS, build_multidoc_qa, load_records
+from ..tokenization import count_tokens, load_tokenizer
+from .columns import build_from_columns, dataset_report, evidence_recall
+from .extract import BM25Extractor, SelfExtractor, split_chunks
+from .qa import QA_FORMATS, build_multidoc_qa
+from .reader import load_data, load_records
 from .ruler import RULER_TASKS, build_ruler
-from .templates import count_tokens, load_tokenizer, render_prompt
+from .templates import render_prompt
 
 
 __all__ = [
@@ -18,6 +21,7 @@ __all__ = [
     "count_tokens",
     "dataset_report",
     "evidence_recall",
+    "load_data",
     "load_records",
     "load_tokenizer",
     "render_prompt",

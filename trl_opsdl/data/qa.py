@@ -6,59 +6,20 @@ until the prompt reaches a target length in tokens; the last distractor is cut a
 Each paragraph is shown as "Document {i}:\\n{title}\\n{text}".
 """
 
-import json
 import logging
-import os
 import random
 import re
 
-from .templates import MULTI_DOC_QA_TEMPLATE, QA_ANSWER_PREFIX, count_tokens, largest_fitting, render_prompt
+from ..tokenization import count_tokens
+from .lengths import largest_fitting
+from .reader import load_records
+from .templates import MULTI_DOC_QA_TEMPLATE, QA_ANSWER_PREFIX, render_prompt
 
 
 logger = logging.getLogger(__name__)
 
 QA_FORMATS = ("hotpotqa", "musique", "2wikimqa")
 _FORMAT_ALIASES = {"hotpot_qa": "hotpotqa", "2wikimultihopqa": "2wikimqa", "2wiki": "2wikimqa"}
-
-
-def load_records(source, split: str = "train") -> list[dict]:
-    """
-    Read records from a local `.json` (a list, or `{"data": [...]}`), `.jsonl` or `.parquet` file, or from a
-    `datasets` hub id (only where a network exists).
-    """
-    if isinstance(source, list):
-        return source
-    if not isinstance(source, str | os.PathLike):
-        return list(source)  # a datasets.Dataset or any iterable of dicts
-    path = str(source)
-    if os.path.isfile(path):
-        if path.endswith(".parquet"):
-            from datasets import load_dataset
-
-            return list(load_dataset("parquet", data_files=path, split="train"))
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if path.endswith(".jsonl"):
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-        if isinstance(data, dict) and "data" in data:
-            data = data["data"]
-        if not isinstance(data, list):
-            raise ValueError(
-                f"{path}: expected a JSON list of records (or {{'data': [...]}}), got {type(data).__name__}."
-            )
-        return data
-    if os.path.exists(path) or path.endswith((".json", ".jsonl", ".parquet")):
-        raise ValueError(f"Input file {path!r} does not exist (or is not a file).")
-    from datasets import load_dataset
-
-    try:
-        return list(load_dataset(path, split=split))
-    except Exception as error:  # noqa: BLE001 - any hub failure gets the same advice
-        raise ValueError(
-            f"{path!r} is not a local file and could not be loaded as a `datasets` id ({error}). "
-            "Pass a local .json/.jsonl/.parquet file."
-        ) from error
 
 
 def _sentences_paragraphs(context) -> list[tuple[str, str]]:

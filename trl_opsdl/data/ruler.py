@@ -4,6 +4,10 @@ Each row's `prompt` is the task at a target length measured with the user's toke
 length is reached); its `teacher_prompt` is the same question over only the lines that answer it (the needle
 sentences, the chain of assignments, a few occurrences of the answer words), in their original order. The task
 definitions follow RULER (Hsieh et al., 2024); see docs/data.md for what differs.
+
+Longer than most modules (about 520 lines) on purpose: the seven tasks are four small sample classes that share one
+vocabulary, one insertion routine and one length search, and read best side by side; split, each file would import
+the others' private helpers.
 """
 
 import logging
@@ -12,7 +16,9 @@ import re
 import uuid
 from types import SimpleNamespace
 
-from .templates import count_tokens, largest_fitting, render_prompt
+from ..tokenization import count_tokens
+from .lengths import largest_fitting
+from .templates import render_prompt
 
 
 logger = logging.getLogger(__name__)

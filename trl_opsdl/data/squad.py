@@ -18,7 +18,8 @@ import json
 import os
 import random
 
-from .templates import count_tokens, render_prompt
+from ..tokenization import count_tokens
+from .templates import render_prompt
 
 
 SQUAD_TEMPLATE = (

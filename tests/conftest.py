@@ -1,13 +1,22 @@
-"""Tiny offline models and tokenizers for tests: nothing is downloaded."""
+"""Shared test helpers and fixtures: tiny offline models and tokenizers (nothing is downloaded), data rows, and an
+`OPSDLTrainer` on them.
+
+The tokenizer and model come from the library's own factories (`trl_opsdl.demo.model.word_level_tokenizer` and
+`tiny_llama`), which the demo and the benchmarks use too. Plain helpers are imported (`from tests.conftest import
+trainer_for`) by tests and by the multi-process workers; fixtures wrap the common ones.
+"""
 
 import string
 
-import torch
+import pytest
+from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
+
+from trl_opsdl import OPSDLConfig, OPSDLTrainer
+from trl_opsdl.demo.model import SPECIAL_TOKENS, tiny_llama, word_level_tokenizer
 
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 WORDS = (
     [f"w{i}" for i in range(40)]
     + list(string.ascii_lowercase)
@@ -20,45 +29,28 @@ CHAT_TEMPLATE = (
 )
 
 
+# ---- tiny tokenizer and model --------------------------------------------------------------------------------------
+
+
 def tiny_tokenizer(chat_template: bool = True, pad: bool = True) -> PreTrainedTokenizerFast:
     """A word-level tokenizer (one token per whitespace-separated word), loaded the way the host notes advise."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ["user", "assistant", "system"] + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>" if pad else None,
-        padding_side="left",
-    )
-    if chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return word_level_tokenizer(["user", "assistant", "system"] + WORDS, CHAT_TEMPLATE if chat_template else None, pad)
 
 
 def tiny_model(tokenizer=None, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, vocab_size=None):
     """A randomly initialised 2-layer Llama whose vocabulary matches `tokenizer`."""
-    tokenizer = tokenizer or tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size or len(tokenizer),
+    return tiny_llama(
+        tokenizer or tiny_tokenizer(),
+        seed,
         hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=4,
+        num_kv_heads=2,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        vocab_size=vocab_size,
         max_position_embeddings=2048,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
 
 
 def save_tiny(path, seed: int = 0):
@@ -91,17 +83,90 @@ def kv_rows(n: int = 8, seed: int = 0, conversational: bool = False):
     return rows
 
 
-def bpe_tokenizer(texts, vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts` in a blink: stands in for a real model's subword tokenizer."""
+# ---- an OPSDLTrainer on the tiny model -----------------------------------------------------------------------------
+
+
+def config(tmp_path, **kwargs) -> OPSDLConfig:
+    """A CPU-sized `OPSDLConfig`: batch 4, 5 completion tokens, no checkpointing, no reporting."""
+    defaults = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_completion_length=5,
+        report_to="none",
+        gradient_checkpointing=False,
+        save_strategy="no",
+        logging_steps=1,
+        learning_rate=1e-3,
+    )
+    defaults.update(kwargs)
+    return OPSDLConfig(**defaults)
+
+
+def trainer_for(tmp_path, rows=None, model=None, tokenizer=None, **kwargs) -> OPSDLTrainer:
+    """An `OPSDLTrainer` on `rows` (default: 8 key-value rows); `peft_config`/`teacher_model` and config fields
+    go in `kwargs`."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    model = model if model is not None else tiny_model(tokenizer)
+    peft_config = kwargs.pop("peft_config", None)
+    teacher_model = kwargs.pop("teacher_model", None)
+    dataset = Dataset.from_list(rows if rows is not None else kv_rows(8))
+    return OPSDLTrainer(
+        model=model,
+        teacher_model=teacher_model,
+        args=config(tmp_path, **kwargs),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def generate(trainer, n=4):
+    """One generation batch of the first `n` training rows, in training mode (as `_prepare_inputs` builds it)."""
+    trainer.model.train()
+    return trainer._generate_and_score_completions(list(trainer.train_dataset.select(range(n))))
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def model(tokenizer):
+    return tiny_model(tokenizer)
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    return trainer_for(tmp_path)
+
+
+# ---- other tokenizers and data -------------------------------------------------------------------------------------
+
+
+def bpe_tokenizer(texts, vocab_size: int = 400, chatml: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts` in a blink: stands in for a real model's subword tokenizer.
+    `chatml=True`: SmolLM2's conventions instead — ChatML template with a default system prompt, eos = pad =
+    `<|im_end|>`, no BOS added (see `tests/real_fixtures.py`)."""
     from tokenizers import decoders, trainers
 
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if chatml else SPECIAL_TOKENS
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     backend.train_from_iterator(texts, trainer)
+    if chatml:
+        from tests.real_fixtures import CHATML
+
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+            unk_token="<|endoftext|>",
+        )  # fmt: skip
+        tokenizer.chat_template = CHATML
+        return tokenizer
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )

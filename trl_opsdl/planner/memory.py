@@ -1,4 +1,4 @@
-"""Per-GPU memory planner for an OPSDL run: which configuration fits before any GPU is rented.
+"""The planner's memory model: per-GPU bytes of one OPSDL step, phase by phase, for a model and a run shape.
 
 The estimate follows the real `OPSDLTrainer` step, phase by phase:
 
@@ -19,10 +19,8 @@ accounting (bf16 weights and gradients, fp32 master weights + Adam moments under
 what is assumed is listed in docs/long_context.md.
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
-from itertools import product
-from math import log2
 
 
 GIB = 2**30
@@ -44,12 +42,6 @@ SUGGESTION_HEADROOM = 0.10
 # Chunk-sized fp32 temporaries alive at once in the CPU reverse-KL forward (`loss_utils._reverse_kl_pass`: student
 # logits and log-probs, teacher logits and log-probs, probabilities, one product); its backward only rescales.
 CPU_LOSS_FORWARD_TEMPORARIES = 6
-# Relative step-time cost of each memory-saving switch, used only to rank the configurations that fit.
-COST_GRADIENT_CHECKPOINTING = 1.33  # one extra forward
-COST_ZERO3 = 1.10  # parameter all-gathers in forward and backward
-COST_OFFLOAD = 1.60  # optimizer (and parameters) over PCIe
-COST_SP_PER_DOUBLING = 0.05  # attention all-to-alls
-COST_SHARDED_GENERATION = 1.5  # a parameter all-gather per layer per generated token
 
 
 @dataclass(frozen=True)
@@ -450,128 +442,3 @@ def estimate(model: ModelShape, run: RunShape) -> Plan:
     }
     reserve = CUDA_RESERVE_BYTES + FRAGMENTATION_SHARE * run.gpu_memory_gib * GIB if run.device == "cuda" else 0
     return Plan(model, run, components, phases, activations_other, reserve)
-
-
-def _relative_cost(run: RunShape) -> float:
-    cost = 1.0
-    if run.gradient_checkpointing:
-        cost *= COST_GRADIENT_CHECKPOINTING
-    if run.zero_stage == 3:
-        cost *= COST_ZERO3
-    if run.offload:
-        cost *= COST_OFFLOAD
-    if run.sp_size > 1:
-        cost *= 1 + COST_SP_PER_DOUBLING * log2(run.sp_size)
-    if run.generation == "sharded":
-        cost *= COST_SHARDED_GENERATION
-    return cost
-
-
-def candidate_runs(model: ModelShape, run: RunShape, max_gpus: int = 64):
-    """Configurations that differ from `run` only in memory switches (and, last, in GPU count or LoRA)."""
-    stages = sorted({run.zero_stage, 2, 3}) if run.device == "cuda" else [run.zero_stage]
-    gpu_counts = [run.num_gpus]
-    while gpu_counts[-1] * 2 <= max(max_gpus, run.num_gpus):
-        gpu_counts.append(gpu_counts[-1] * 2)
-    loras = [run.lora_rank] if run.lora_rank else [None, 16]
-    chunks = sorted({run.prefill_chunk_size or 0, 0 if run.context_length <= 4096 else 4096})
-    for lora_rank in loras:
-        for num_gpus in gpu_counts:
-            for zero in stages:
-                generations = (
-                    {run.generation, "sharded"} if zero == 3 and run.generation != "vllm-server" else {run.generation}
-                )
-                for offload, checkpointing, generation, chunk in product(
-                    [False, True] if zero else [False], (False, True), sorted(generations), chunks
-                ):
-                    for sp in range(1, num_gpus + 1):
-                        if num_gpus % sp or (sp > 1 and sequence_parallel_problem(model, sp)):
-                            continue
-                        yield replace(
-                            run,
-                            num_gpus=num_gpus,
-                            zero_stage=zero,
-                            offload=offload,
-                            gradient_checkpointing=checkpointing,
-                            sp_size=sp,
-                            lora_rank=lora_rank,
-                            generation=generation,
-                            prefill_chunk_size=chunk or None,
-                        )
-
-
-def cheapest_fit(model: ModelShape, run: RunShape, max_gpus: int = 64) -> Plan | None:
-    """The configuration that fits with `SUGGESTION_HEADROOM` to spare, keeping the user's training type if any does,
-    on the fewest GPUs, at the lowest relative step cost."""
-    best, best_key = None, None
-    for candidate in candidate_runs(model, run, max_gpus):
-        plan = estimate(model, candidate)
-        if not plan.fits_with_headroom:
-            continue
-        key = (candidate.lora_rank != run.lora_rank, candidate.num_gpus, _relative_cost(candidate), plan.peak)
-        if best_key is None or key < best_key:
-            best, best_key = plan, key
-    return best
-
-
-def format_plan(plan: Plan, suggestion: Plan | None = None) -> str:
-    """The per-component breakdown, the phase peaks and the verdict, as `trl-opsdl plan` prints them."""
-    model, run = plan.model, plan.run
-
-    def gib(value):
-        return f"{value / GIB:9.2f}"
-
-    lines = [
-        f"Model: {model.name} ({model.model_type}, {model.num_params / 1e9:.2f}B parameters, {model.num_layers} layers, "
-        f"hidden {model.hidden_size}, vocab {model.vocab_size})",
-        f"Run: student prompt {run.context_length} + completion {run.completion_length} tokens, teacher prompt "
-        f"{run.teacher_length} tokens, batch {run.batch_size} x {run.gradient_accumulation_steps} accumulation steps "
-        f"(generated together), {run.dtype} on {run.device}, teacher '{run.teacher_kind}'",
-        f"Parallelism: {run.describe()}",
-        "",
-        "Per-GPU memory by component (GiB):",
-    ]
-    with_checkpointing, without_checkpointing = (
-        (plan.components["activations"], plan.activations_other)
-        if run.gradient_checkpointing
-        else (plan.activations_other, plan.components["activations"])
-    )
-    for name, value in plan.components.items():
-        if name == "activations":
-            for label, amount, used in (
-                ("with gradient checkpointing", with_checkpointing, run.gradient_checkpointing),
-                ("without gradient checkpointing", without_checkpointing, not run.gradient_checkpointing),
-            ):
-                lines.append(f"  {'activations, ' + label:42s}{gib(amount)}" + ("   <- this run" if used else ""))
-            continue
-        note = ""
-        if name == "weights (teacher)":
-            note = "   (shared with the student)" if value == 0 else "   (frozen copy)"
-        lines.append(f"  {name:42s}{gib(value)}{note}")
-    lines += ["", "Peak by phase (GiB):"]
-    for name, value in plan.phases.items():
-        lines.append(f"  {name:42s}{gib(value)}")
-    peak_phase = max(plan.phases, key=plan.phases.get)
-    lines.append(
-        f"  {'+ runtime reserve, added to the peak':42s}{gib(plan.reserve)}   (CUDA context, NCCL, fragmentation)"
-    )
-    total = plan.peak + plan.reserve
-    lines += [
-        "",
-        f"Peak: {total / GIB:.2f} GiB per GPU ({peak_phase}) of {run.gpu_memory_gib:g} GiB: "
-        + ("FITS" if plan.fits else "DOES NOT FIT"),
-    ]
-    if suggestion is None:
-        lines.append(
-            f"No configuration with up to 64 GPUs fits with {SUGGESTION_HEADROOM:.0%} to spare; shorten the context, "
-            "generate with a vLLM server (--generation vllm-server) or use larger GPUs."
-        )
-    elif suggestion.run == run:
-        lines.append(f"This is already the cheapest configuration that fits with {SUGGESTION_HEADROOM:.0%} to spare.")
-    else:
-        lines.append(
-            f"Cheapest configuration that fits with {SUGGESTION_HEADROOM:.0%} to spare: {suggestion.run.describe()} -> "
-            f"{(suggestion.peak + suggestion.reserve) / GIB:.2f} GiB per GPU"
-        )
-        lines.append(f"  trl-opsdl plan ... {suggestion.run.flags()}")
-    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""One reader for every data source the package takes: `datasets.load_dataset` (or `load_from_disk`) does the work.
+
+A source is a local data file (`.json` — a list, JSON lines, or `{"data": [...]}` —, `.jsonl`, `.parquet`, `.csv`),
+a folder (written by `Dataset.save_to_disk`, or holding data files), a dataset id on the Hub (where a network
+exists), or data already in memory (a `datasets.Dataset` or a list of dicts).
+"""
+
+import os
+
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_data(source, split: str | None = "train", config: str | None = None, streaming: bool = False):
+    """
+    Load `source` as a `datasets.Dataset` (one `split`) or, with `split=None`, a `datasets.DatasetDict`.
+
+    Args:
+        source (`str`, `os.PathLike`, [`~datasets.Dataset`] or `list[dict]`):
+            A local file or folder, a hub id, or in-memory rows (returned as a `Dataset`).
+        split (`str` or `None`, *optional*, defaults to `"train"`):
+            The split to return (a local file is its `train` split); `None` returns every split.
+        config (`str`, *optional*):
+            The dataset configuration (hub ids and data folders).
+        streaming (`bool`, *optional*, defaults to `False`):
+            Stream instead of downloading and caching (`IterableDataset`).
+    """
+    from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
+
+    if isinstance(source, list):
+        dataset = Dataset.from_list(source)
+    elif isinstance(source, Dataset | DatasetDict | IterableDataset):
+        dataset = source
+    else:
+        name = os.path.expanduser(str(source))  # a `~/...` path from a YAML config is not expanded by a shell
+        extension = os.path.splitext(name)[1].lower()
+        if os.path.isdir(name):
+            saved = any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json"))
+            dataset = load_from_disk(name) if saved else load_dataset(name, name=config, streaming=streaming)
+        elif os.path.isfile(name):
+            if extension not in FILE_BUILDERS:
+                raise ValueError(
+                    f"{name!r} is a {extension or 'extension-less'} file; a local dataset must be one of "
+                    f"{sorted(FILE_BUILDERS)} or a folder (from `Dataset.save_to_disk` or holding such files)."
+                )
+            dataset = load_dataset(FILE_BUILDERS[extension], data_files=name, streaming=streaming)
+            if extension == ".json" and _is_wrapped(dataset):  # `{"data": [...]}`, read as one row of `data`
+                dataset = load_dataset("json", data_files=name, field="data", streaming=streaming)
+        elif extension in FILE_BUILDERS or name.startswith((".", "/", "~")):
+            raise FileNotFoundError(
+                f"Input {name!r} looks like a local path but does not exist (working directory: {os.getcwd()})."
+            )
+        else:
+            try:
+                dataset = load_dataset(name, name=config, streaming=streaming)
+            except Exception as error:  # noqa: BLE001 - any hub failure gets the same advice
+                raise ValueError(
+                    f"{name!r} is not a local file or folder and could not be loaded as a `datasets` id ({error}). "
+                    f"Pass a local {'/'.join(sorted(FILE_BUILDERS))} file or a folder."
+                ) from error
+    if isinstance(dataset, Dataset | IterableDataset):  # in-memory rows, or `load_from_disk` of a single split
+        dataset = DatasetDict({"train": dataset})
+    if split is None:
+        return dataset
+    if split not in dataset:
+        raise ValueError(f"{source!r} has splits {list(dataset)}, not {split!r}.")
+    return dataset[split]
+
+
+def _is_wrapped(dataset) -> bool:
+    train = dataset.get("train")
+    return train is not None and getattr(train, "column_names", None) == ["data"] and len(train) == 1
+
+
+def load_records(source, split: str = "train"):
+    """The rows of `source` (see [`load_data`]) for the builders: a `datasets.Dataset`, iterated as dicts. A list of
+    dicts is returned as it is (rows already in memory need no Arrow schema)."""
+    if isinstance(source, list):
+        return source
+    return load_data(source, split=split)

@@ -1,0 +1,70 @@
+"""`DemoConfig` (`trl-opsdl demo`) and `RealDemoConfig` (`trl-opsdl demo --real`): one field per command-line option.
+Imports nothing heavy, so the command line can build its options from them."""
+
+from dataclasses import dataclass, field
+
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class DemoConfig:
+    """Everything `trl-opsdl demo` does; the defaults are the documented experiment (docs/demo.md)."""
+
+    output_dir: str = "opsdl-demo"
+    model_path: str | None = None  # None: the pretrained model shipped in trl_opsdl/assets/demo_model
+    seed: int = 0
+    # Training: `max_steps` batches of `batch_size` long prompts, each with `train_pairs` pairs.
+    max_steps: int = 150
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    temperature: float = 1.0
+    train_pairs: tuple[int, int] = (16, 32)
+    distillation_mode: str = "full_logits"
+    teacher_model_kind: str = "base"
+    short_prompt_ratio: float = 0.0
+    lora: bool = True  # the base teacher is then the adapter-free model; keeps short-context accuracy (docs)
+    lora_r: int = 16
+    lora_target_modules: tuple[str, ...] = ALL_LINEAR
+    # Evaluation: `short` has `short_pairs` pairs, then one setting per entry of `long_pairs`.
+    short_pairs: int = 4
+    long_pairs: tuple[int, ...] = (16, 24, 32)
+    eval_examples: int = 500
+    eval_batch_size: int = 250
+    save_model: bool = False  # also save the trained model and tokenizer to <output_dir>/model
+    num_threads: int = 1  # 2 threads are faster only on an idle machine, and 4x slower on a shared one
+    logging_steps: int = 10
+
+
+@dataclass
+class RealDemoConfig:
+    """Everything `trl-opsdl demo --real` does; the defaults are the documented run (docs/real_demo.md)."""
+
+    output_dir: str = "opsdl-demo-real"
+    model: str | None = None  # None: SmolLM2-135M-Instruct from PyPI; or a .gguf file, a model folder, a hub id
+    squad: str | None = None  # None: SQuAD v1.1 dev from PyPI; or any SQuAD-format JSON file
+    seed: int = 0
+    num_eval_articles: int = 12  # of SQuAD dev's 48: held out, never trained on
+    # Evaluation: `eval_short` questions on the gold paragraph, `eval_long` at each of `eval_lengths` tokens.
+    eval_lengths: tuple[int, ...] = (512, 1024)
+    eval_short: int = 300
+    eval_long: int = 100
+    eval_max_new_tokens: int = 24
+    eval_batch_size: int = 8
+    # Training: `max_steps` batches of `batch_size` long prompts, at the lengths of `train_lengths` in turn.
+    train_lengths: tuple[int, ...] = (512, 1024)
+    max_steps: int = 40
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    temperature: float = 0.7
+    max_completion_length: int = 24
+    distillation_mode: str = "full_logits"
+    teacher_model_kind: str = "base"
+    short_prompt_ratio: float = 0.0
+    lora_r: int = 16
+    system_prompt: str | None = None  # None: the chat template's default system prompt
+    num_threads: int = 2
+    logging_steps: int = 1
+    save_model: bool = False
+    overwrite: bool = False
+    extra: dict = field(default_factory=dict)  # further OPSDLConfig fields

