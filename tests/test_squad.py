@@ -161,3 +161,16 @@ def test_ruler_builders_take_the_essays_as_haystack(monkeypatch):
     rows = build_ruler(tiny_tokenizer(), tasks="niah_single", lengths=[120], num_samples=1, filler="essays",
                        words=[f"w{i}" for i in range(10, 40)], value_type="words")  # fmt: skip
     assert "w4 w5 w6" in rows[0]["prompt"] and not any(w in rows[0]["teacher_prompt"].split() for w in words)
+
+
+def test_load_tokenizer_takes_autotokenizer_for_a_real_bpe_folder(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.real_fixtures import save_bpe_chat_model
+    from trl_opsdl.tokenization import load_tokenizer
+
+    folder = save_bpe_chat_model(tmp_path / "m")
+    loaded, auto = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    assert type(loaded) is type(auto) and loaded.chat_template == auto.chat_template
+    assert loaded.eos_token == loaded.pad_token == "<|im_end|>"
+    assert loaded("The mill of Avel")["input_ids"] == auto("The mill of Avel")["input_ids"]

@@ -12,16 +12,25 @@ def load_tokenizer(path: str):
     """
     Load a tokenizer from a local folder (or a hub id where a network exists).
 
-    A folder with a `tokenizer.json` is loaded with `PreTrainedTokenizerFast`, which uses that file as is.
-    `AutoTokenizer` on a folder whose config names a model type (e.g. `qwen2`) can rebuild another tokenizer class
-    and silently ignore a word-level `tokenizer.json` (see docs/data.md).
+    A folder is loaded with `AutoTokenizer` (the model's own tokenizer class, chat template and special tokens), then
+    checked against its `tokenizer.json`: `AutoTokenizer` on a folder whose config names a model type (e.g. `qwen2`)
+    can rebuild another tokenizer class and silently ignore a word-level `tokenizer.json` (see docs/data.md). Where
+    the two tokenize a probe text differently, the folder is loaded with `PreTrainedTokenizerFast`, which uses that
+    file as is.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if path is None:
         raise ValueError("No tokenizer given: pass the path of a model or tokenizer folder (e.g. --tokenizer PATH).")
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        file = os.path.join(path, "tokenizer.json")
+        if os.path.isfile(file):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError, TypeError, KeyError):
+                return PreTrainedTokenizerFast.from_pretrained(path)
+            if _same_as_file(tokenizer, file):
+                return tokenizer
             return PreTrainedTokenizerFast.from_pretrained(path)
         try:
             return AutoTokenizer.from_pretrained(path)
@@ -38,6 +47,19 @@ def load_tokenizer(path: str):
         raise ValueError(
             f"No tokenizer found at {path!r}: it is neither a local folder nor a reachable hub id ({error})."
         ) from error
+
+
+_PROBE = "Paris is the capital of France. Question: what is 12 + 30? Answer: 42 key w1 V3 K17"
+
+
+def _same_as_file(tokenizer, file: str) -> bool:
+    """Whether `tokenizer` splits a probe text into the ids its `tokenizer.json` gives (the word-level trap)."""
+    from tokenizers import Tokenizer
+
+    words = _PROBE.split() + [w for w in list(tokenizer.get_vocab())[:50] if w.isalnum()]
+    text = " ".join(words)
+    raw = Tokenizer.from_file(file).encode(text, add_special_tokens=False).ids
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) == raw
 
 
 def prompt_text(tokenizer, prompt) -> str:
