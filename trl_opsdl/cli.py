@@ -4,6 +4,7 @@ Subcommands register themselves in `main()`; each has an `_add_<name>` (argument
 """
 
 import argparse
+import os
 import sys
 
 
@@ -159,6 +160,10 @@ def _run_build_squad(args):
 
     if args.num_samples is not None and args.num_samples <= 0:
         raise ValueError(f"--num-samples {args.num_samples} must be positive (or left out for all questions).")
+    if not args.lengths or min(args.lengths) <= 0:
+        raise ValueError(f"--lengths {args.lengths}: lengths must be positive token counts, e.g. 512,1024.")
+    if os.path.isdir(args.output):
+        raise ValueError(f"--output {args.output!r} is a folder; pass a .jsonl file path.")
     tokenizer = AutoTokenizer.from_pretrained(prepare_model(args.tokenizer))
     articles = load_squad(args.input or squad_path())
     if args.split != "all":

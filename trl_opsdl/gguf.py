@@ -84,9 +84,10 @@ def convert_gguf(gguf_path: str, output_dir: str | None = None, overwrite: bool 
     from transformers.utils import logging as hf_logging
 
     folder, name = os.path.split(os.path.abspath(gguf_path))
-    verbosity = hf_logging.get_verbosity()
+    verbosity, tqdm_disable = hf_logging.get_verbosity(), os.environ.get("TQDM_DISABLE")
     hf_logging.set_verbosity_error()  # the GGUF reader's per-tensor progress bars are not the user's business
     hf_logging.disable_progress_bar()
+    os.environ["TQDM_DISABLE"] = "1"  # the dequantization bar is a plain tqdm
     try:
         try:
             quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -112,6 +113,10 @@ def convert_gguf(gguf_path: str, output_dir: str | None = None, overwrite: bool 
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+        if tqdm_disable is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_disable
 
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)

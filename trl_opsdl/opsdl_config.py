@@ -198,6 +198,11 @@ class OPSDLConfig(DistillationConfig):
             self.dataloader_pin_memory = False
         super().__post_init__()
 
+        if not self.temperature > 0:  # TRL divides the logits by it; 0 or less is no sampling distribution
+            raise ValueError(
+                f"temperature={self.temperature} must be positive (1.0 samples the model's own distribution; lower "
+                "values sharpen it)."
+            )
         if self.teacher_model_kind not in TEACHER_KINDS:
             raise ValueError(
                 f"teacher_model_kind={self.teacher_model_kind!r} is not one of {TEACHER_KINDS}. Use 'base' (the "

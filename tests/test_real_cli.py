@@ -1,0 +1,97 @@
+"""The real path's command line: `build-data squad`, `convert-gguf`, `demo --real`; bad input is one line, exit 2,
+before any work."""
+
+import json
+
+import pytest
+
+from tests.real_fixtures import save_bpe_chat_model, write_squad
+from trl_opsdl.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("real")
+    return save_bpe_chat_model(folder / "model"), write_squad(folder / "squad.json", num_articles=4, paragraphs=6)
+
+
+def test_build_data_squad_writes_pairs_of_the_requested_split(tiny, tmp_path, capsys):
+    model, squad = tiny
+    out = tmp_path / "eval.jsonl"
+    argv = ["build-data", "squad", "--input", squad, "--tokenizer", model, "--lengths", "256,384", "--split", "eval",
+            "--num-eval-articles", "1", "--num-samples", "3", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and {r["length"] for r in rows} == {256, 384} and len({r["article"] for r in rows}) == 1
+    report = capsys.readouterr().out
+    assert '"rows": 6' in report and str(out) in report
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["build-data", "squad", "--tokenizer", "MODEL", "--input", "missing.json", "--output", "o.jsonl"],
+            "SQuAD file 'missing.json' does not exist",
+        ),
+        (
+            ["build-data", "squad", "--tokenizer", "MODEL", "--input", "SQUAD", "--num-samples", "0", "--output", "o"],
+            "--num-samples 0 must be positive",
+        ),
+        (
+            ["build-data", "squad", "--tokenizer", "MODEL", "--input", "SQUAD", "--lengths", "0", "--output", "o"],
+            "lengths must be positive",
+        ),
+        (
+            [
+                "build-data",
+                "squad",
+                "--tokenizer",
+                "MODEL",
+                "--input",
+                "SQUAD",
+                "--num-eval-articles",
+                "9",
+                "--split",
+                "eval",
+                "--output",
+                "o",
+            ],
+            "num_eval_articles=9 must be between 1 and 3",
+        ),
+        (["convert-gguf", "model.bin"], "Expected the path of a .gguf file"),
+        (["convert-gguf", "missing.gguf"], "does not exist"),
+        (["demo", "--real", "--max-steps", "0"], "max_steps=0 must be at least 1"),
+        (["demo", "--real", "--eval-lengths", "32"], r"eval_lengths=\(32,\) must list target lengths of at least 64"),
+        (["demo", "--real", "--squad", "missing.json"], "--squad 'missing.json' is not a file"),
+        (["demo", "--real", "--long-pairs", "16"], "--long-pairs is an option of the toy demo, not of --real"),
+        (["demo", "--quick"], "--quick goes with --real"),
+        (["demo", "--eval-short", "5"], "--eval-short goes with --real"),
+        (["demo", "--real", "--temperature", "-1"], "temperature=-1.0 must be positive"),
+        (["demo", "--real", "--temperature", "0"], "temperature=0.0 must be positive"),
+        (["demo", "--real", "--compare", "--methods", "opsdl,nope"], "--methods \\['nope'\\] not in the comparison"),
+    ],
+)
+def test_bad_real_path_input_is_one_line_and_exit_2(tiny, argv, message, capsys, tmp_path, monkeypatch):
+    model, squad = tiny
+    monkeypatch.chdir(tmp_path)
+    argv = [model if a == "MODEL" else squad if a == "SQUAD" else a for a in argv]
+    if argv[:2] == ["demo", "--real"]:
+        argv += ["--model", model, "--squad", squad] if "--squad" not in argv else ["--model", model]
+    if argv[0] == "demo":
+        argv += ["--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"trl-opsdl {argv[0]}: error:")
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_demo_real_refuses_a_used_output_folder_unless_overwrite(tiny, tmp_path, capsys):
+    model, squad = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    assert main(["demo", "--real", "--quick", "--model", model, "--squad", squad, "--output-dir", str(out)]) == 2
+    assert "is not empty; pass another folder or --overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == "{}"  # nothing lost
