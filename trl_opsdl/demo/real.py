@@ -165,6 +165,19 @@ def prepare(config: RealDemoConfig, log=print):
     return model_path, tokenizer, train, held_out
 
 
+def load_model(model_path: str):
+    """The model in fp32, without transformers' weight-loading bar between the demo's own lines."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def eval_sets(config: RealDemoConfig, tokenizer, held_out) -> dict:
     """`short` (gold paragraph) and `long_<n>` settings on the held-out articles; the long sets share questions."""
     from ..data.squad import build_squad_pairs
@@ -217,7 +230,7 @@ def _settings(config: RealDemoConfig, model_path: str) -> dict:
 def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
     """Measure, train with OPSDL (LoRA), measure again; write results.json and the plot. Returns the results."""
     import torch
-    from transformers import AutoModelForCausalLM, PrinterCallback
+    from transformers import PrinterCallback
 
     from ..opsdl_config import OPSDLConfig
     from ..opsdl_trainer import OPSDLTrainer
@@ -237,7 +250,7 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
     model_path, tokenizer, train_articles, held_out = prepare(config, log)
     sets = eval_sets(config, tokenizer, held_out)
     dataset = train_dataset(config, tokenizer, train_articles)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = load_model(model_path)
     log(f"before training ({', '.join(f'{k}: {len(v)}' for k, v in sets.items())} questions):")
     before = measure(model, tokenizer, sets, config.eval_max_new_tokens, config.eval_batch_size, log)
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .config import RealDemoConfig
-from .real import _opsdl_kwargs, check_real_config, eval_sets, lora_config, measure, prepare, train_dataset
+from .real import _opsdl_kwargs, check_real_config, eval_sets, load_model, lora_config, measure, prepare, train_dataset
 
 
 # --- the comparison: TRL's SFT and DPO against OPSDL's loss modes and teacher kinds, same prompts and budget --------
@@ -98,8 +98,7 @@ def _baseline_trainer(kind, model, tokenizer, dataset, config: RealDemoConfig, o
 
 def run_real_method(name, spec, config: RealDemoConfig, sets, model_path, tokenizer, dataset, log=print) -> dict:
     """Train one method from the prepared model with `config.seed`; measure it on `sets`."""
-    import torch
-    from transformers import AutoModelForCausalLM, PrinterCallback
+    from transformers import PrinterCallback
 
     from ..opsdl_config import OPSDLConfig
     from ..opsdl_trainer import OPSDLTrainer
@@ -108,7 +107,7 @@ def run_real_method(name, spec, config: RealDemoConfig, sets, model_path, tokeni
     spec = dict(spec)
     kind = spec.pop("trainer", "opsdl")
     config = replace(config, **spec)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = load_model(model_path)
     timer = StepTimer()
     start = time.time()
     with tempfile.TemporaryDirectory() as trainer_dir:
@@ -154,7 +153,6 @@ def run_real_compare(
     for spec in methods.values():
         check_real_config(replace(config, overwrite=True, **{k: v for k, v in spec.items() if k != "trainer"}))
     import torch
-    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(config.num_threads)
     output_dir = Path(config.output_dir)
@@ -165,7 +163,7 @@ def run_real_compare(
     base_file = output_dir / "runs" / "base.json"
     if not base_file.exists():
         log("base model:")
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model = load_model(model_path)
         base = {
             "method": "base",
             "seed": None,
