@@ -69,7 +69,7 @@ def test_build_data_squad_writes_pairs_of_the_requested_split(tiny, tmp_path, ca
         (["demo", "--eval-short", "5"], "--eval-short goes with --real"),
         (["demo", "--real", "--temperature", "-1"], "temperature=-1.0 must be positive"),
         (["demo", "--real", "--temperature", "0"], "temperature=0.0 must be positive"),
-        (["demo", "--real", "--compare", "--methods", "opsdl,nope"], "--methods \\['nope'\\] not in the comparison"),
+        (["demo", "--real", "--compare", "--methods", "opsdl,nope"], "--methods \\['nope'\\] not in the real set"),
     ],
 )
 def test_bad_real_path_input_is_one_line_and_exit_2(tiny, argv, message, capsys, tmp_path, monkeypatch):

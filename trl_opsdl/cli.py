@@ -326,6 +326,17 @@ def _add_demo(subparsers):
     p.set_defaults(run=_run_demo)
 
 
+def _select_methods(methods: dict, text: str | None, name: str) -> dict:
+    """The methods named in `--methods a,b` (all of them without it); an unknown name is an error listing the set."""
+    if not text:
+        return methods
+    wanted = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in wanted if m not in methods]
+    if unknown:
+        raise ValueError(f"--methods {unknown} not in the {name} set; choose from {list(methods)}.")
+    return {m: methods[m] for m in wanted}
+
+
 def _run_real_demo(args, overrides: dict):
     import dataclasses
 
@@ -340,14 +351,7 @@ def _run_real_demo(args, overrides: dict):
     if args.compare:
         from trl_opsdl.demo.real_compare import REAL_COMPARE_METHODS, run_real_compare
 
-        methods = REAL_COMPARE_METHODS
-        if args.methods:
-            wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-            unknown = [m for m in wanted if m not in methods]
-            if unknown:
-                raise ValueError(f"--methods {unknown} not in the comparison; choose from {list(methods)}.")
-            methods = {m: methods[m] for m in wanted}
-        run_real_compare(config, methods, seeds=tuple(args.seeds))
+        run_real_compare(config, _select_methods(REAL_COMPARE_METHODS, args.methods, "real"), tuple(args.seeds))
     else:
         from trl_opsdl.demo.real import run_real_demo
 
@@ -394,13 +398,7 @@ def _run_demo(args):
         from trl_opsdl.demo.compare import METHOD_SETS, run_compare
 
         name = "ablation" if args.ablation else "compare"
-        methods = METHOD_SETS[name]
-        if args.methods:
-            wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-            unknown = [m for m in wanted if m not in methods]
-            if unknown:
-                raise ValueError(f"--methods {unknown} not in the {name} set; choose from {list(methods)}.")
-            methods = {m: methods[m] for m in wanted}
+        methods = _select_methods(METHOD_SETS[name], args.methods, name)
         run_compare(config, methods, seeds=tuple(args.seeds), eval_every=args.eval_every, name=name)
     else:
         from trl_opsdl.demo.toy import run_demo

@@ -221,6 +221,21 @@ def train_dataset(config: RealDemoConfig, tokenizer, train_articles):
     return concatenate_datasets(parts).shuffle(seed=config.seed).select(range(total))
 
 
+def opsdl_trainer(model, tokenizer, dataset, config: RealDemoConfig, output_dir, callbacks):
+    """`OPSDLTrainer` with the real demo's recipe (LoRA, `_opsdl_kwargs`) on the `prompt`/`teacher_prompt` columns."""
+    from ..opsdl_config import OPSDLConfig
+    from ..opsdl_trainer import OPSDLTrainer
+
+    return OPSDLTrainer(
+        model=model,
+        args=OPSDLConfig(**_opsdl_kwargs(config, output_dir)),
+        train_dataset=dataset.select_columns(["prompt", "teacher_prompt"]),
+        processing_class=tokenizer,
+        peft_config=lora_config(config),
+        callbacks=callbacks,
+    )
+
+
 def _settings(config: RealDemoConfig, model_path: str) -> dict:
     settings = asdict(config)
     settings["model_path"] = model_path
@@ -232,9 +247,8 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
     import torch
     from transformers import PrinterCallback
 
-    from ..opsdl_config import OPSDLConfig
-    from ..opsdl_trainer import OPSDLTrainer
     from ..timing import StepTimer
+    from .toy import write_outputs
 
     config = config or RealDemoConfig()
     check_real_config(config)
@@ -256,13 +270,8 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as trainer_dir:
-        trainer = OPSDLTrainer(
-            model=model,
-            args=OPSDLConfig(**_opsdl_kwargs(config, trainer_dir)),
-            train_dataset=dataset.select_columns(["prompt", "teacher_prompt"]),
-            processing_class=tokenizer,
-            peft_config=lora_config(config),
-            callbacks=[timer.callback(log, config.max_steps)],
+        trainer = opsdl_trainer(
+            model, tokenizer, dataset, config, trainer_dir, [timer.callback(log, config.max_steps)]
         )
         trainer.remove_callback(PrinterCallback)
         timer.attach(trainer)
@@ -281,16 +290,7 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
         "settings": _settings(config, model_path),
         "runtime_seconds": round(time.time() - start, 1),
     }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    if config.save_model:
-        model.save_pretrained(output_dir / "model")
-        tokenizer.save_pretrained(output_dir / "model")
-    plot_real(results, output_dir / "accuracy_vs_context.png")
-    log("\n" + real_table(results))
-    log(
-        f"wrote {output_dir / 'results.json'} and {output_dir / 'accuracy_vs_context.png'} "
-        f"({results['runtime_seconds']:.0f}s)"
-    )
+    write_outputs(output_dir, results, model if config.save_model else None, tokenizer, plot_real, real_table, log)
     return results
 
 

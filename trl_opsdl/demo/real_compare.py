@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .config import RealDemoConfig
-from .real import _opsdl_kwargs, check_real_config, eval_sets, load_model, lora_config, measure, prepare, train_dataset
+from .real import check_real_config, eval_sets, load_model, lora_config, measure, opsdl_trainer, prepare, train_dataset
 
 
 # --- the comparison: TRL's SFT and DPO against OPSDL's loss modes and teacher kinds, same prompts and budget --------
@@ -100,8 +100,6 @@ def run_real_method(name, spec, config: RealDemoConfig, sets, model_path, tokeni
     """Train one method from the prepared model with `config.seed`; measure it on `sets`."""
     from transformers import PrinterCallback
 
-    from ..opsdl_config import OPSDLConfig
-    from ..opsdl_trainer import OPSDLTrainer
     from ..timing import StepTimer
 
     spec = dict(spec)
@@ -113,14 +111,7 @@ def run_real_method(name, spec, config: RealDemoConfig, sets, model_path, tokeni
     with tempfile.TemporaryDirectory() as trainer_dir:
         callbacks = [timer.callback(log, config.max_steps)]
         if kind == "opsdl":
-            trainer = OPSDLTrainer(
-                model=model,
-                args=OPSDLConfig(**_opsdl_kwargs(config, trainer_dir)),
-                train_dataset=dataset.select_columns(["prompt", "teacher_prompt"]),
-                processing_class=tokenizer,
-                peft_config=lora_config(config),
-                callbacks=callbacks,
-            )
+            trainer = opsdl_trainer(model, tokenizer, dataset, config, trainer_dir, callbacks)
             timer.attach(trainer)
         else:
             trainer = _baseline_trainer(kind, model, tokenizer, dataset, config, trainer_dir, callbacks, log)

@@ -213,14 +213,19 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
         "settings": _settings(config),
         "runtime_seconds": round(time.time() - start, 1),
     }
+    write_outputs(output_dir, results, model if config.save_model else None, tokenizer, plot_demo, demo_table, log)
+    return results
+
+
+def write_outputs(output_dir: Path, results: dict, model, tokenizer, plot, table, log) -> None:
+    """`results.json`, the plot, the trained model (when `model` is given) and the table: what a demo run leaves."""
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    if config.save_model:
+    if model is not None:
         model.save_pretrained(output_dir / "model")
         tokenizer.save_pretrained(output_dir / "model")
-    plot_demo(results, output_dir / "accuracy_vs_context.png")
-    log("\n" + demo_table(results))
+    plot(results, output_dir / "accuracy_vs_context.png")
+    log("\n" + table(results))
     log(f"wrote {output_dir / 'results.json'} and {output_dir / 'accuracy_vs_context.png'}")
-    return results
 
 
 def _format_scores(scores: dict) -> str:
