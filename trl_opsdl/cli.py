@@ -94,6 +94,33 @@ def _add_build_data(subparsers):
     e.add_argument("--output", required=True)
     e.set_defaults(run=_run_build_extract)
 
+    si = kinds.add_parser(
+        "self-instruct",
+        help="Documents only: the model writes a question per key span; long/short pairs + a filter report.",
+        description="Draws spans from the documents, lets the model write one question per span, filters the "
+        "questions (each filter counted in OUTPUT.report.json) and writes pairs: short prompt = span + question, long "
+        "prompt = the span in place in its document, cut to each length (docs/data.md).",
+    )
+    si.add_argument("--documents", required=True, help="A folder of .txt files, or a .jsonl/.json/.parquet file.")
+    si.add_argument("--model", required=True, help="Model folder, .gguf file or hub id: writes and answers questions.")
+    si.add_argument("--lengths", type=_int_list, default=[512, 1024], help="Target long-prompt lengths (tokens).")
+    si.add_argument("--num-samples", type=int, default=100, help="Spans drawn (one question each) before filters.")
+    si.add_argument("--seed", type=int, default=0)
+    si.add_argument("--output", required=True, help="Output .jsonl; the report goes to OUTPUT.report.json.")
+    si.add_argument("--text-column", default="text", help="Column with the document text (.jsonl/.json/.parquet).")
+    si.add_argument("--span-tokens", type=int, default=128, help="Span size in tokens.")
+    si.add_argument("--template", default="chat", help="Question prompt: chat, base, or a file with {span}.")
+    si.add_argument("--min-logprob", type=float, default=None, help="Keep answers with mean token log-prob >= X.")
+    si.add_argument("--k", type=int, default=1, help="Sample k answers; keep questions they agree on (k > 1).")
+    si.add_argument("--closed-book", action=argparse.BooleanOptionalAction, default=True,
+                    help="Drop questions the model answers the same without the span (default: on).")  # fmt: skip
+    si.add_argument("--max-new-tokens", type=int, default=48, help="Budget for a question (answers: half).")
+    si.add_argument("--batch-size", type=int, default=8)
+    si.add_argument("--system-prompt", default=None, help="A system message (default: the chat template's own).")
+    si.add_argument("--plain", action="store_true", help="Plain-text pair prompts instead of chat messages.")
+    si.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
+    si.set_defaults(run=_run_build_self_instruct)
+
 
 def _write_jsonl(dataset, path, tokenizer=None):
     import json
@@ -210,6 +237,58 @@ def _run_build_extract(args):
     if args.extractor == "self":
         print("self-extraction:", extractor.stats)
     return _write_jsonl(dataset, args.output, tokenizer)
+
+
+@_user_errors
+def _run_build_self_instruct(args):
+    import json
+    import os
+
+    from transformers import AutoTokenizer
+
+    from trl_opsdl.data.self_instruct import QUESTION_TEMPLATES, build_self_instruct, load_documents
+    from trl_opsdl.gguf import prepare_model
+
+    # Every check on the arguments comes before the model is prepared or loaded.
+    if os.path.exists(args.output) and not args.overwrite:
+        raise ValueError(f"--output {args.output!r} exists; pass another file or --overwrite to replace it.")
+    for name in ("num_samples", "span_tokens", "k", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1.")
+    if not args.lengths or min(args.lengths) < 1:
+        raise ValueError(f"--lengths {args.lengths} must list positive token counts, e.g. 512,1024.")
+    if 2 * args.span_tokens > min(args.lengths):
+        raise ValueError(
+            f"--span-tokens {args.span_tokens} is more than half the shortest of --lengths {args.lengths}; use "
+            "smaller spans or longer lengths."
+        )
+    template = args.template
+    if template not in QUESTION_TEMPLATES:
+        if not os.path.isfile(template):
+            raise ValueError(f"--template {template!r} is neither chat, base nor a file; pass one of those.")
+        with open(template, encoding="utf-8") as f:
+            template = f.read()
+        if "{span}" not in template:
+            raise ValueError(f"--template file {args.template!r} has no {{span}} field; add it where the span goes.")
+    documents = load_documents(args.documents, args.text_column)
+    model_path = prepare_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    dataset, report = build_self_instruct(
+        documents, _load_model(model_path), tokenizer, args.lengths, args.num_samples, args.seed,
+        span_tokens=args.span_tokens, template=template, conversational=not args.plain,
+        system_prompt=args.system_prompt, min_logprob=args.min_logprob, k=args.k, closed_book=args.closed_book,
+        max_question_tokens=args.max_new_tokens, max_answer_tokens=max(8, args.max_new_tokens // 2),
+        batch_size=args.batch_size,
+    )  # fmt: skip
+    report_path = args.output + ".report.json"
+    os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
+    with open(report_path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, ensure_ascii=False)
+    if len(dataset) == 0:
+        raise ValueError(f"Every question was filtered out ({report['questions']}); see {report_path}.")
+    _write_jsonl(dataset, args.output, tokenizer)
+    print(json.dumps({"questions": report["questions"], "report": report_path}, indent=2))
+    return 0
 
 
 def _add_eval(subparsers):

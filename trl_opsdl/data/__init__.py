@@ -32,3 +32,7 @@ from .kv import build_kv_retrieval  # noqa: E402
 
 
 __all__ += ["build_kv_retrieval"]
+from .self_instruct import build_self_instruct, load_documents  # noqa: E402
+
+
+__all__ += ["build_self_instruct", "load_documents"]
