@@ -42,7 +42,7 @@ def main(script_args, training_args, model_args):
 
     from .data.reader import load_data
     from .opsdl_trainer import OPSDLTrainer
-    from .tokenization import load_tokenizer
+    from .tokenization import check_model_path, load_tokenizer
 
     if script_args.dataset_name is None:
         raise ValueError(
@@ -51,6 +51,7 @@ def main(script_args, training_args, model_args):
         )
     if model_args.model_name_or_path is None:
         raise ValueError("No model: pass --model_name_or_path (a local folder or a hub id).")
+    check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     check_vllm(training_args)
 
     # The model is passed to the trainer as a path, not an instance: under ZeRO-3 the frozen `base` teacher is rebuilt
