@@ -25,6 +25,7 @@ def files(tmp_path_factory):
     bad_line.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n" + '{"prompt": "a",\n')
     (root / "latin1.jsonl").write_bytes(json.dumps(rows[0]).encode() + b'\n{"prompt": "caf\xe9"}\n')
     (root / "empty.jsonl").write_text("\n  \n")
+    (root / "rows.txt").write_text(json.dumps(rows[0]))
     (root / "broken.json").write_text(json.dumps([{"context": "a"}, {"context": "b"}], indent=1)[:-4])
     (root / "not_a_model").mkdir()
     corrupt = Path(save_tiny(root / "corrupt"))
@@ -86,7 +87,7 @@ CASES = [
     ("eval missing model", ["eval", "--model", "@missing", "--tokenizer", "$tiny", "--data", "$good",
                             "--output-dir", "@e"], "--model '"),
     ("eval corrupt weights", ["eval", "--model", "$corrupt", "--data", "$good", "--output-dir", "@e"],
-     "could not be loaded"),
+     "model.safetensors is not a readable safetensors file"),
     ("plan generation-batch-size -3", PLAN + ["--generation-batch-size", "-3"], "--generation-batch-size -3: must be"),
     ("plan generation-batch-size 0", PLAN + ["--generation-batch-size", "0"], "--generation-batch-size 0: must be"),
     ("plan context-length 0", PLAN[:-1] + ["0"], "--context-length 0: must be positive"),
@@ -102,6 +103,14 @@ CASES = [
      "per_device_train_batch_size=0 must be a positive integer"),
     ("train dataset too small", TRAIN[:-1] + ["8", "--model_name_or_path", "$tiny", "--dataset_name", "$good",
                                               "--output_dir", "@t"], "train_dataset has 4 rows, fewer than one gen"),
+    ("train corrupt weights", TRAIN + ["--model_name_or_path", "$corrupt", "--dataset_name", "$good", "--output_dir",
+                                       "@t"], "model.safetensors is not a readable safetensors file"),
+    ("train empty file", TRAIN + ["--model_name_or_path", "$tiny", "--dataset_name", "@empty.jsonl", "--output_dir",
+                                  "@t"], "empty.jsonl is empty: it holds no rows"),
+    ("train not utf-8", TRAIN + ["--model_name_or_path", "$tiny", "--dataset_name", "@latin1.jsonl", "--output_dir",
+                                 "@t"], "latin1.jsonl:2: byte"),
+    ("eval unknown suffix", ["eval", "--model", "$tiny", "--data", "@rows.txt", "--format", "longbench",
+                             "--output-dir", "@e"], "rows.txt' is a .txt file; a local dataset must be one of"),
     ("demo output not empty", ["demo", "--output-dir", "@used"], "used' is not empty; pass another folder, or --ov"),
 ]  # fmt: skip
 
@@ -138,3 +147,16 @@ def test_eval_overwrite_removes_the_earlier_runs_files_only(files, capsys, tmp_p
     assert main(argv + ["--overwrite"]) == 0
     assert not (out / "accuracy_vs_length_old_column.png").exists()  # a plot of a column this run lacks
     assert (out / "notes.txt").read_text() == "mine" and (out / "metrics.json").exists()
+
+
+def test_demo_overwrite_clears_the_earlier_demos_files_only(tmp_path):
+    from trl_opsdl.demo.config import DemoConfig
+    from trl_opsdl.demo.toy import prepare_output_dir
+
+    (tmp_path / "model").mkdir()  # from an earlier --save-model run
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty"):
+        prepare_output_dir(DemoConfig(output_dir=str(tmp_path)))
+    prepare_output_dir(DemoConfig(output_dir=str(tmp_path), overwrite=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -61,6 +61,19 @@ def check_model_path(path: str, flag: str = "--model") -> None:
         raise ValueError(f"{flag} {path!r} has no config.json: it is not a model folder (save_pretrained writes one).")
     if not os.path.exists(path) and path.startswith((".", "/", "~")):
         raise ValueError(f"{flag} {path!r} does not exist (working directory: {os.getcwd()}).")
+    if os.path.isdir(path):  # a truncated weights file fails deep in loading; its header says so at once
+        from safetensors import safe_open
+
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(path, name), framework="pt"):
+                        pass
+                except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
+                    raise ValueError(
+                        f"{flag} {path!r}: {name} is not a readable safetensors file ({error}); it was probably cut "
+                        "short by a download or copy. Copy or save the model again."
+                    ) from error
 
 
 def _same_as_file(tokenizer, file: str) -> bool:
