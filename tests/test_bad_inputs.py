@@ -279,3 +279,17 @@ def test_selective_checkpointing_with_peft_under_zero3(tmp_path):
             processing_class=tokenizer,
             peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
         )
+
+
+def test_bad_row_in_an_iterable_dataset_stops_the_batch_that_holds_it(tmp_path):
+    from datasets import IterableDataset
+
+    rows = _set(kv_rows(8), 6, "teacher_prompt", " ")
+    dataset = IterableDataset.from_generator(lambda: iter(rows))
+    tokenizer = tiny_tokenizer()
+    args = config(tmp_path, max_steps=2)
+    trainer = OPSDLTrainer(model=tiny_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
+    with pytest.raises(
+        ValueError, match=r"generation batch at global step \d: row \d has an empty or whitespace-only"
+    ):
+        trainer.train()

@@ -414,7 +414,8 @@ class OPSDLTrainer(DistillationTrainer):
         # The parent generates on `prompt` and builds the student inputs. OPSDL adds the teacher's short prompt,
         # tokenized once per generation batch (not per micro-step), and a loss mask that can leave end tokens out.
         column = self.args.teacher_prompt_column
-        self._check_rows(inputs, column)
+        # Map-style datasets were checked row by row at construction; an iterable one is checked here, per batch.
+        self._check_rows(inputs, column, f"the generation batch at global step {self.state.global_step}:")
         teacher_prompts = [row[column] for row in inputs]
         if self.args.short_prompt_ratio > 0 and self.model.training:
             # Anchor rows: the student generates from the short prompt too, so the frozen teacher keeps it where it was.
