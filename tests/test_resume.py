@@ -24,10 +24,12 @@ from tests.conftest import kv_rows, tiny_model, tiny_tokenizer, trainer_for
 # optimizer steps at accumulation 1, 2 at accumulation 2. Every group resumes inside epoch 0 and past it.
 GROUPS = [
     ("base", False, 1, 0.0),
+    ("base", True, 1, 0.0),
     ("base", True, 2, 0.5),
     ("ema", False, 2, 0.0),
     ("ema", True, 1, 0.5),
     ("live", False, 1, 0.5),
+    ("live", False, 2, 0.0),
     ("ema", False, 2, 0.5),
 ]
 STEPS = {1: (6, (2, 5)), 2: (4, (1, 3))}  # accumulation -> (total steps, (resume inside epoch 0, past it))
@@ -204,3 +206,26 @@ def test_ema_state_is_written_before_the_checkpoint_is_complete(tmp_path):
     finally:
         TrainerState.save_to_json = original
     assert seen == {"ema_first": True}
+
+
+@pytest.mark.slow
+def test_cli_train_resume_true_skips_a_half_written_checkpoint(tmp_path, caplog):
+    import json
+
+    from tests.conftest import save_tiny
+    from trl_opsdl.cli import main
+
+    model = save_tiny(tmp_path / "tiny")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in kv_rows(8)))
+    out = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", model, "--dataset_name", str(data), "--output_dir", str(out),
+            "--bf16", "False", "--report_to", "none", "--per_device_train_batch_size", "4", "--max_completion_length",
+            "4", "--save_steps", "1", "--gradient_checkpointing", "False"]  # fmt: skip
+    assert main(argv + ["--max_steps", "2"]) == 0
+    (out / "checkpoint-2" / "trainer_state.json").unlink()  # as a save killed before its end leaves it
+    with caplog.at_level(logging.WARNING):
+        assert main(argv + ["--max_steps", "3", "--resume_from_checkpoint", "True"]) == 0
+    assert f"Not resuming from {out / 'checkpoint-2'}: no trainer_state.json" in caplog.text
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3

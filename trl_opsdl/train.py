@@ -97,7 +97,10 @@ def main(script_args, training_args, model_args):
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # `--resume_from_checkpoint` is a string on the command line: "True" means the last complete checkpoint.
+    resume = training_args.resume_from_checkpoint
+    resume = True if isinstance(resume, str) and resume.lower() == "true" else resume
+    trainer.train(resume_from_checkpoint=resume)
     trainer.accelerator.print("Training completed.")
 
     trainer.save_model(training_args.output_dir)
