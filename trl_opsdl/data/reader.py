@@ -45,7 +45,7 @@ def load_data(source, split: str | None = "train", config: str | None = None, st
                     f"{sorted(FILE_BUILDERS)} or a folder (from `Dataset.save_to_disk` or holding such files)."
                 )
             if extension in (".json", ".jsonl", ".csv"):
-                check_text_file(name, json_lines=extension == ".jsonl", json_document=extension == ".json")
+                check_text_file(name, as_json=extension != ".csv")
             dataset = load_dataset(FILE_BUILDERS[extension], data_files=name, streaming=streaming)
             if extension == ".json" and _is_wrapped(dataset):  # `{"data": [...]}`, read as one row of `data`
                 dataset = load_dataset("json", data_files=name, field="data", streaming=streaming)
@@ -70,10 +70,10 @@ def load_data(source, split: str | None = "train", config: str | None = None, st
     return dataset[split]
 
 
-def check_text_file(path: str, json_lines: bool = False, json_document: bool = False) -> None:
+def check_text_file(path: str, as_json: bool = False) -> None:
     """Fail with the file name and real line number on what `datasets` would report without either (or load and
-    crash on later): an empty file, a byte that is not UTF-8, a JSON line that does not parse. A `.json` file may be
-    one document or JSON lines."""
+    crash on later): an empty file, a byte that is not UTF-8, a JSON line that does not parse. With `as_json`, the file
+    may be one JSON document or JSON lines (as `datasets`' json builder reads either, whatever the suffix)."""
     with open(path, "rb") as f:
         data = f.read()
     try:
@@ -86,19 +86,18 @@ def check_text_file(path: str, json_lines: bool = False, json_document: bool = F
         ) from None
     if not text.strip():
         raise ValueError(f"{path} is empty: it holds no rows.")
-    if not (json_lines or json_document):
+    if not as_json:
         return
-    if json_document:
-        try:
-            json.loads(text)
-            return
-        except json.JSONDecodeError as error:
-            first = text.lstrip().split("\n", 1)[0]
-            if not _parses(first) or first.strip() == text.strip():  # not JSON lines either: the document's error
-                raise ValueError(
-                    f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno}). Fix that line, or "
-                    "write one JSON object per line (.jsonl)."
-                ) from None
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError as error:
+        first = text.lstrip().split("\n", 1)[0]
+        if not _parses(first) or first.strip() == text.strip():  # not JSON lines either: the document's error
+            raise ValueError(
+                f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno}). Fix that line, or "
+                "write one JSON object per line (.jsonl)."
+            ) from None
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
