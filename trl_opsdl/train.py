@@ -51,8 +51,8 @@ def main(script_args, training_args, model_args):
         )
     if model_args.model_name_or_path is None:
         raise ValueError("No model: pass --model_name_or_path (a local folder or a hub id).")
-    check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     check_vllm(training_args)
+    check_model_path(model_args.model_name_or_path, "--model_name_or_path")
 
     # The model is passed to the trainer as a path, not an instance: under ZeRO-3 the frozen `base` teacher is rebuilt
     # from it (a copy of a sharded model holds empty shards).
