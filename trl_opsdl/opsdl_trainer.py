@@ -1,7 +1,8 @@
 """`OPSDLTrainer`: TRL's on-policy `DistillationTrainer` with the model as its own teacher on a short prompt.
 
-One class, as TRL writes its trainers (about 460 lines): the input checks, the generation override that adds the
-teacher prompt, and the loss override that runs the teacher on it, each commented with what the parent does.
+One class, as TRL writes its trainers: the input checks, the generation override that adds the teacher prompt, the
+loss override that runs the teacher on it, and what exact, crash-safe resuming needs (an epoch-seeded sampler, the
+last complete checkpoint), each commented with what the parent does. Before the class: the pure helpers they use.
 """
 
 import json
