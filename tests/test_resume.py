@@ -86,7 +86,7 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, kind, lora, accumulation,
 def test_each_epoch_has_its_own_order_and_epoch_0_is_trls(tmp_path):
     from trl.trainer.utils import RepeatSampler
 
-    from trl_opsdl.opsdl_trainer import EpochRepeatSampler
+    from trl_opsdl.resume import EpochRepeatSampler
 
     kwargs = dict(data_source=list(range(12)), mini_repeat_count=1, batch_size=4, repeat_count=2, seed=7)
     trl_order = list(RepeatSampler(**kwargs))
