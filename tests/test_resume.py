@@ -99,8 +99,17 @@ def test_each_epoch_has_its_own_order_and_epoch_0_is_trls(tmp_path):
     fresh = EpochRepeatSampler(**kwargs)  # a resumed run's new sampler, told the epoch it resumes in
     fresh.set_epoch(2)
     assert list(fresh) == orders[2]
-    trainer = trainer_for(tmp_path)
-    assert isinstance(trainer._get_train_sampler(), EpochRepeatSampler)
+    # The Trainer reaches the sampler through accelerate's loader: each epoch of a run is told its number (without it,
+    # every epoch would replay epoch 0's order, and resuming would be exact for the wrong reason).
+    seen = []
+    original = EpochRepeatSampler.set_epoch
+    EpochRepeatSampler.set_epoch = lambda self, epoch: (seen.append(epoch), original(self, epoch))
+    try:
+        trainer = trainer_for(tmp_path, max_steps=5)  # 8 rows, batch 4: 2 steps an epoch, into epoch 2
+        trainer.train()
+    finally:
+        EpochRepeatSampler.set_epoch = original
+    assert isinstance(trainer._get_train_sampler(), EpochRepeatSampler) and sorted(set(seen)) == [0, 1, 2]
 
 
 # ---- crash safety: a real training process killed at each point of a save --------------------------------------------
