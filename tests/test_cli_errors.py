@@ -30,7 +30,7 @@ def files(tmp_path_factory):
     (root / "not_a_model").mkdir()
     corrupt = Path(save_tiny(root / "corrupt"))
     weights = corrupt / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # a download or copy cut short
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 9 // 10])  # a download or copy cut short
     (root / "used").mkdir()
     (root / "used" / "metrics.json").write_text("{}")
     (root / "exists.jsonl").write_text("old\n")
