@@ -8,6 +8,7 @@ from trl import DistillationConfig
 from tests.conftest import config, generate, kv_rows, tiny_model, tiny_tokenizer, trainer_for
 from trl_opsdl import OPSDLConfig, OPSDLTrainer
 from trl_opsdl.opsdl_config import default_bf16
+from trl_opsdl.opsdl_trainer import row_problem
 from trl_opsdl.teacher import frozen_copy
 
 
@@ -22,12 +23,99 @@ def test_missing_columns(tmp_path):
     trainer_for(tmp_path, rows=rows, teacher_prompt_column="short")  # the column name is configurable
 
 
-@pytest.mark.parametrize("empty", [None, ""])
-def test_empty_teacher_prompt_names_the_row(tmp_path, empty):
-    rows = kv_rows(4)
-    rows[2]["teacher_prompt"] = empty
-    with pytest.raises(ValueError, match="row 2 has an empty or None 'teacher_prompt'"):
-        trainer_for(tmp_path, rows=rows)
+def _set(rows, index, column, value):
+    rows[index][column] = value
+    return rows
+
+
+# Each bad row sits deep in the data (row 6 of 8), where only a check of every row finds it before training.
+BAD_ROWS = [
+    ("teacher None", False, "teacher_prompt", None, "row 6 has a 'teacher_prompt' that is None"),
+    ("teacher empty", False, "teacher_prompt", "", "row 6 has an empty or whitespace-only 'teacher_prompt'"),
+    ("teacher spaces", False, "teacher_prompt", "  \n ", "row 6 has an empty or whitespace-only 'teacher_prompt'"),
+    ("prompt empty", False, "prompt", "", "row 6 has an empty or whitespace-only 'prompt'"),
+    ("prompt None", False, "prompt", None, "row 6 has a 'prompt' that is None"),
+    # Arrow fills a key missing from one message with None.
+    ("no content", True, "prompt", [{"role": "user"}], "row 6 has a 'prompt' whose message 0 has empty content"),
+    (
+        "no role",
+        True,
+        "teacher_prompt",
+        [{"content": "a"}],
+        "row 6 has a 'teacher_prompt' whose message 0 has no role",
+    ),
+    ("empty content", True, "prompt", [{"role": "user", "content": " "}], "message 0 has empty content"),
+    ("no messages", True, "teacher_prompt", [], "row 6 has an empty message list as 'teacher_prompt'"),
+]
+
+
+@pytest.mark.parametrize(
+    "conversational,column,value,match", [case[1:] for case in BAD_ROWS], ids=[case[0] for case in BAD_ROWS]
+)
+def test_bad_rows_are_refused_before_training_naming_the_dataset_row(tmp_path, conversational, column, value, match):
+    dataset = Dataset.from_list(_set(kv_rows(8, conversational=conversational), 6, column, value))
+    with pytest.raises(ValueError, match=match) as error:
+        OPSDLTrainer(model=tiny_model(tiny_tokenizer()), args=config(tmp_path), train_dataset=dataset,
+                     processing_class=tiny_tokenizer())  # fmt: skip
+    assert str(error.value).startswith("train_dataset row 6 ")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "value,match",
+    [
+        ("key a \udcff ?", "not valid UTF-8 text (surrogates not allowed at character 6)"),  # Arrow cannot hold it
+        ([{"role": "user", "content": "a"}, "b"], "message 1 is not a dict with 'role' and 'content' (it has str)"),
+        (
+            [{"role": "user", "text": "a"}],
+            "message 0 is not a dict with 'role' and 'content' (it has ['role', 'text'])",
+        ),
+        (3, "a 'prompt' that is 3 (int), not text or a message list"),
+    ],
+)
+def test_row_problems_arrow_cannot_hold(value, match):
+    # Rows from a Python list, a torch dataset or an iterable one reach the same check without Arrow's schema.
+    assert match in row_problem(value, "'prompt'")
+
+
+def test_bad_row_in_an_eval_dataset_names_the_split(tmp_path):
+    eval_rows = _set(kv_rows(4), 3, "teacher_prompt", " ")
+    with pytest.raises(ValueError, match="^eval_dataset row 3 has an empty or whitespace-only 'teacher_prompt'"):
+        OPSDLTrainer(model=tiny_model(tiny_tokenizer()), args=config(tmp_path), processing_class=tiny_tokenizer(),
+                     train_dataset=Dataset.from_list(kv_rows(8)), eval_dataset=Dataset.from_list(eval_rows))  # fmt: skip
+
+
+def test_tokenizer_without_eos_token(tmp_path):
+    tokenizer = tiny_tokenizer()
+    tokenizer.eos_token = None  # a pad token is still set
+    with pytest.raises(ValueError, match=r"no eos token \(eos_token=None; pad_token='<pad>'\)"):
+        trainer_for(tmp_path, tokenizer=tokenizer, model=tiny_model(tiny_tokenizer()))
+
+
+@pytest.mark.parametrize(
+    "field", ["max_completion_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+              "gradient_accumulation_steps"],
+)  # fmt: skip
+@pytest.mark.parametrize("value", [0, -2])
+def test_counts_must_be_positive_naming_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"^{field}={value} must be a positive integer"):
+        config(tmp_path, **{field: value})
+
+
+def test_dataset_smaller_than_one_generation_batch(tmp_path):
+    # 3 rows, a generation batch of 4 x 2 accumulation steps = 8: the parent would train 0 steps and report success.
+    with pytest.raises(ValueError, match=r"train_dataset has 3 rows, fewer than one generation batch of 8"):
+        trainer_for(tmp_path, rows=kv_rows(3), gradient_accumulation_steps=2)
+
+
+def test_rows_beyond_the_last_generation_batch_are_counted(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        trainer_for(tmp_path, rows=kv_rows(10))  # generation batch 4: 2 rows per epoch unused
+    assert (
+        "2 rows of each epoch" in caplog.text and "10 rows, not a multiple of the generation batch (4)" in caplog.text
+    )
 
 
 def test_prompt_and_teacher_prompt_of_different_formats(tmp_path):
@@ -191,3 +279,17 @@ def test_selective_checkpointing_with_peft_under_zero3(tmp_path):
             processing_class=tokenizer,
             peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
         )
+
+
+def test_bad_row_in_an_iterable_dataset_stops_the_batch_that_holds_it(tmp_path):
+    from datasets import IterableDataset
+
+    rows = _set(kv_rows(8), 6, "teacher_prompt", " ")
+    dataset = IterableDataset.from_generator(lambda: iter(rows))
+    tokenizer = tiny_tokenizer()
+    args = config(tmp_path, max_steps=2)
+    trainer = OPSDLTrainer(model=tiny_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
+    with pytest.raises(
+        ValueError, match=r"generation batch at global step \d: row \d has an empty or whitespace-only"
+    ):
+        trainer.train()

@@ -120,5 +120,5 @@ def test_trainer_with_use_vllm_and_no_vllm_says_what_to_install(tmp_path):
     tokenizer = tiny_tokenizer()
     args = OPSDLConfig(output_dir=str(tmp_path), use_vllm=True, report_to="none", gradient_checkpointing=False)
     with pytest.raises(ImportError, match=r"vLLM is not available and `use_vllm` is set to True.*pip install"):
-        OPSDLTrainer(tiny_model(tokenizer), args=args, train_dataset=Dataset.from_list(kv_rows(2)),
+        OPSDLTrainer(tiny_model(tokenizer), args=args, train_dataset=Dataset.from_list(kv_rows(8)),
                      processing_class=tokenizer)  # fmt: skip

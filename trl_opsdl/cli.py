@@ -14,18 +14,38 @@ import sys
 
 
 def _user_errors(run):
-    """Print a bad-input error (a `ValueError` from the library: it names the value and what to do) and exit 2."""
+    """The CLI's error contract: a bad input (a `ValueError`, a missing or unreadable file, a missing optional
+    dependency: the library's messages name the value and what to do) is one line on stderr and exit status 2. Every
+    subcommand checks its inputs before the work starts."""
     import functools
 
     @functools.wraps(run)
     def wrapper(args, *extra):
         try:
             return run(args, *extra)
-        except (ValueError, FileNotFoundError) as error:
-            print(f"trl-opsdl {args.command}: error: {error}", file=sys.stderr)
+        except (ValueError, OSError, ImportError) as error:
+            message = " ".join(str(error).split())  # one line, whatever the library's message spans
+            print(f"trl-opsdl {args.command}: error: {message}", file=sys.stderr)
             return 2
 
     return wrapper
+
+
+def _check_at_least(args, minimums: dict) -> None:
+    """Refuse a number below its minimum (`{"limit": 1}`): no zero or negative that silently means something else."""
+    for name, low in minimums.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            kind = "positive" if low == 1 else f"at least {low}"
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be {kind}.")
+
+
+def _check_output_file(args) -> None:
+    """`--output` must be a new file path, or an existing file with `--overwrite` (checked before the work)."""
+    if os.path.isdir(args.output):
+        raise ValueError(f"--output {args.output!r} is a folder; pass a .jsonl file path.")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise ValueError(f"--output {args.output!r} already exists; pass another path, or --overwrite to replace it.")
 
 
 def _int_list(text):
@@ -50,6 +70,7 @@ def _add_build_data(subparsers):
     r.add_argument("--words", help="File with one word per line for keys/values/list items. Default: made-up words.")
     r.add_argument("--conversational", action="store_true", help="Write chat messages instead of plain prompts.")
     r.add_argument("--output", required=True, help="Output .jsonl file.")
+    r.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
     r.set_defaults(run=_run_build_ruler)
 
     q = kinds.add_parser("qa", help="Multi-document QA with distractors from HotpotQA/MuSiQue/2Wiki records.")
@@ -62,6 +83,7 @@ def _add_build_data(subparsers):
     q.add_argument("--split", default="train", help="Split, for a datasets id.")
     q.add_argument("--conversational", action="store_true")
     q.add_argument("--output", required=True)
+    q.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
     q.set_defaults(run=_run_build_qa)
 
     s = kinds.add_parser(
@@ -77,6 +99,7 @@ def _add_build_data(subparsers):
     s.add_argument("--system-prompt", default=None, help="A system message (default: the chat template's own).")
     s.add_argument("--plain", action="store_true", help="Plain-text prompts instead of chat messages.")
     s.add_argument("--output", required=True)
+    s.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
     s.set_defaults(run=_run_build_squad)
 
     e = kinds.add_parser("extract", help="Short contexts for rows with context/question: evidence, BM25 or the model.")
@@ -94,6 +117,7 @@ def _add_build_data(subparsers):
     e.add_argument("--evidence-column", default="evidence")
     e.add_argument("--conversational", action="store_true", help="Render new prompts as chat messages.")
     e.add_argument("--output", required=True)
+    e.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
     e.set_defaults(run=_run_build_extract)
 
     si = kinds.add_parser(
@@ -148,6 +172,10 @@ def _read_lines(path):
 def _run_build_ruler(args):
     from trl_opsdl.data import build_ruler, load_tokenizer
 
+    _check_at_least(args, {"num_samples": 1})
+    if not args.lengths or min(args.lengths) < 1:
+        raise ValueError(f"--lengths {args.lengths}: lengths must be positive token counts, e.g. 1024,4096.")
+    _check_output_file(args)
     tokenizer = load_tokenizer(args.tokenizer)
     filler = None
     if args.filler:
@@ -171,6 +199,10 @@ def _run_build_ruler(args):
 def _run_build_qa(args):
     from trl_opsdl.data import build_multidoc_qa, load_tokenizer
 
+    _check_at_least(args, {"num_samples": 1})
+    if not args.lengths or min(args.lengths) < 1:
+        raise ValueError(f"--lengths {args.lengths}: lengths must be positive token counts, e.g. 1024,4096.")
+    _check_output_file(args)
     tokenizer = load_tokenizer(args.tokenizer)
     dataset = build_multidoc_qa(
         args.input, args.format, tokenizer, lengths=args.lengths, num_samples=args.num_samples, seed=args.seed,
@@ -191,8 +223,7 @@ def _run_build_squad(args):
         raise ValueError(f"--num-samples {args.num_samples} must be positive (or left out for all questions).")
     if not args.lengths or min(args.lengths) <= 0:
         raise ValueError(f"--lengths {args.lengths}: lengths must be positive token counts, e.g. 512,1024.")
-    if os.path.isdir(args.output):
-        raise ValueError(f"--output {args.output!r} is a folder; pass a .jsonl file path.")
+    _check_output_file(args)
     tokenizer = AutoTokenizer.from_pretrained(prepare_model(args.tokenizer))
     articles = load_squad(args.input or squad_path())
     if args.split != "all":
@@ -211,18 +242,30 @@ def _load_model(path):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as error:  # noqa: BLE001 - truncated weights, a wrong config: one line naming the folder
+        raise ValueError(
+            f"--model {path!r} could not be loaded ({type(error).__name__}: {error}). Check the folder: a complete "
+            "model.safetensors and a config.json from save_pretrained."
+        ) from error
+    return model.to(device)
 
 
 @_user_errors
 def _run_build_extract(args):
     from trl_opsdl.data import BM25Extractor, SelfExtractor, build_from_columns, load_records, load_tokenizer
+    from trl_opsdl.tokenization import check_model_path
 
-    tokenizer_path = args.tokenizer or args.model
-    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    _check_at_least(args, {"top_k": 1, "chunk_size": 1, "budget": 1, "max_new_tokens": 1, "batch_size": 1})
     if args.extractor == "self":
         if not args.model:
             raise ValueError("--extractor self needs --model PATH (the model quotes its own evidence).")
+        check_model_path(args.model)
+    _check_output_file(args)
+    tokenizer_path = args.tokenizer or args.model
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    if args.extractor == "self":
         bm25 = BM25Extractor(args.top_k, args.chunk_size, args.budget, tokenizer)
         extractor = SelfExtractor(
             _load_model(args.model), tokenizer, args.max_new_tokens, args.batch_size, fallback=bm25, progress=True
@@ -300,16 +343,39 @@ def _add_eval(subparsers):
     p.add_argument("--output-dir", required=True)
     p.add_argument("--tokenizer", help="Tokenizer folder (default: --model).")
     p.add_argument("--format", default="opsdl", choices=["opsdl", "longbench", "longbench_v2"])
-    p.add_argument("--columns", default="prompt,teacher_prompt", help="Prompt columns to evaluate.")
+    p.add_argument("--columns", default=None, help="Prompt columns to evaluate (default: prompt,teacher_prompt "
+                   "where present).")  # fmt: skip
     p.add_argument("--metric", default="auto", help="A scorer name, or auto (per row's metric/task).")
-    p.add_argument("--group-by", default="task,length")
+    p.add_argument("--group-by", default=None, help="Columns to group by (default: task,length where present).")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="Evaluate only the first N rows.")
     p.add_argument("--max-length", type=int, default=None, help="LongBench: cut contexts in the middle to fit.")
     p.add_argument("--extractor", default="none", choices=["none", "bm25"], help="LongBench: build teacher prompts.")
     p.add_argument("--conversational", action="store_true", help="LongBench: render prompts as chat messages.")
+    p.add_argument("--overwrite", action="store_true", help="Replace the results of an earlier run in --output-dir.")
     p.set_defaults(run=_run_eval)
+
+
+EVAL_OUTPUTS = ("metrics.json", "predictions.jsonl", "accuracy_vs_length.png")  # + accuracy_vs_length_<column>.png
+
+
+def _check_eval_output(output_dir: str, overwrite: bool) -> None:
+    """Refuse an output folder that holds anything, unless --overwrite."""
+    if os.path.isfile(output_dir):
+        raise ValueError(f"--output-dir {output_dir!r} is a file; pass a folder.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise ValueError(
+            f"--output-dir {output_dir!r} is not empty; pass another folder, or --overwrite to replace an earlier "
+            "eval's results there."
+        )
+
+
+def _clear_eval_output(output_dir: str) -> None:
+    """Remove what an earlier eval wrote (so no plot of a column this run lacks is left behind); nothing else."""
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        if name in EVAL_OUTPUTS or (name.startswith("accuracy_vs_length_") and name.endswith(".png")):
+            os.remove(os.path.join(output_dir, name))
 
 
 @_user_errors
@@ -318,7 +384,11 @@ def _run_eval(args):
 
     from trl_opsdl.data import BM25Extractor, load_records, load_tokenizer
     from trl_opsdl.evaluation import evaluate_dataset, load_longbench, load_longbench_v2, save_results
+    from trl_opsdl.tokenization import check_model_path
 
+    _check_at_least(args, {"limit": 1, "max_new_tokens": 1, "batch_size": 1, "max_length": 1})
+    check_model_path(args.model)
+    _check_eval_output(args.output_dir, args.overwrite)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     extractor = BM25Extractor(tokenizer=tokenizer) if args.extractor == "bm25" else None
     if args.format == "opsdl":
@@ -327,9 +397,19 @@ def _run_eval(args):
         dataset = load_longbench(args.data, None, tokenizer, args.max_length, args.conversational, extractor)
     else:
         dataset = load_longbench_v2(args.data, tokenizer, args.max_length, args.conversational, extractor)
+    chosen = {}  # --columns / --group-by as given: each must name columns of the data (the defaults: where present)
+    for flag, given in (("--columns", args.columns), ("--group-by", args.group_by)):
+        if given is not None:
+            chosen[flag] = [c.strip() for c in given.split(",") if c.strip()]
+            missing = [c for c in chosen[flag] if c not in dataset.column_names] or ([] if chosen[flag] else [given])
+            if missing:
+                raise ValueError(f"{flag} {given!r}: the data has no column {missing}; it has {dataset.column_names}.")
+    model = _load_model(args.model)
+    _clear_eval_output(args.output_dir)
+    prompt_columns = chosen.get("--columns", ["prompt", "teacher_prompt"])
     results = evaluate_dataset(
-        _load_model(args.model), tokenizer, dataset, prompt_columns=[c for c in args.columns.split(",") if c],
-        metric=args.metric, group_by=[c for c in args.group_by.split(",") if c], max_new_tokens=args.max_new_tokens,
+        model, tokenizer, dataset, prompt_columns=prompt_columns, metric=args.metric,
+        group_by=chosen.get("--group-by", ["task", "length"]), max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, limit=args.limit, progress=True, return_predictions=True,
     )  # fmt: skip
     paths = save_results(results, args.output_dir)
@@ -595,6 +675,13 @@ def _add_plan(subparsers):
 def _run_plan(args):
     from trl_opsdl.planner import RunShape, cheapest_fit, estimate, format_plan, load_model_shape
 
+    _check_at_least(args, {
+        "context_length": 1, "completion_length": 1, "teacher_context_length": 1, "batch_size": 1,
+        "gradient_accumulation_steps": 1, "generation_batch_size": 1, "num_gpus": 1, "lora_rank": 1, "sp_size": 1,
+        "prefill_chunk_size": 1,
+    })  # fmt: skip
+    if not args.gpu_memory_gib > 0:
+        raise ValueError(f"--gpu-memory-gib {args.gpu_memory_gib}: must be positive (80 for an H100).")
     run = RunShape(
         context_length=args.context_length,
         completion_length=args.completion_length,

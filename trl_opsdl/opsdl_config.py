@@ -198,6 +198,12 @@ class OPSDLConfig(DistillationConfig):
             self.dataloader_pin_memory = False
         super().__post_init__()
 
+        # transformers and TRL accept these at 0 or below and fail (or train 0 steps) much later, naming other things.
+        for name in ("max_completion_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be a positive integer (it counts tokens or rows).")
         if not self.temperature > 0:  # TRL divides the logits by it; 0 or less is no sampling distribution
             raise ValueError(
                 f"temperature={self.temperature} must be positive (1.0 samples the model's own distribution; lower "

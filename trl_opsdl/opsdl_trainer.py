@@ -1,7 +1,8 @@
 """`OPSDLTrainer`: TRL's on-policy `DistillationTrainer` with the model as its own teacher on a short prompt.
 
-One class, as TRL writes its trainers (about 460 lines): the input checks, the generation override that adds the
-teacher prompt, and the loss override that runs the teacher on it, each commented with what the parent does.
+One class, as TRL writes its trainers: the input checks, the generation override that adds the teacher prompt, the
+loss override that runs the teacher on it, and the resume and checkpoint overrides (their helpers: `resume.py`), each
+commented with what the parent does.
 """
 
 import os
@@ -12,13 +13,14 @@ import warnings
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DistillationTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import pad
 
 from . import loss_utils, sequence_parallel
 from .opsdl_config import OPSDLConfig
+from .resume import EpochRepeatSampler, checkpoint_problem, last_complete_checkpoint, list_checkpoints
 from .teacher import EMATeacher, add_ema_adapter, frozen_copy, teacher_context
 
 
@@ -43,6 +45,32 @@ def fit_to_length(ids: list[int], max_length: int | None, policy: str, what: str
         return ids[-max_length:], True
     head = max_length // 2
     return ids[:head] + ids[len(ids) - (max_length - head) :], True  # "middle": LongBench keeps both ends
+
+
+def row_problem(value, what: str) -> str | None:
+    """Why one prompt (plain text or a message list) cannot be trained on, or `None`."""
+    if isinstance(value, str):
+        if not value.strip():
+            return f"an empty or whitespace-only {what} ({value[:20]!r})"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return f"a {what} that is not valid UTF-8 text ({error.reason} at character {error.start})"
+        return None
+    if isinstance(value, list | tuple):
+        if not value:
+            return f"an empty message list as {what}"
+        for j, message in enumerate(value):
+            if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+                shown = sorted(message) if isinstance(message, dict) else type(message).__name__
+                return f"a {what} whose message {j} is not a dict with 'role' and 'content' (it has {shown})"
+            if not isinstance(message["role"], str) or not message["role"]:
+                return f"a {what} whose message {j} has no role ({message['role']!r})"
+            content = message["content"]
+            if content is None or (isinstance(content, str) and not content.strip()):
+                return f"a {what} whose message {j} has empty content ({content!r})"
+        return None
+    return f"a {what} that is {value!r} ({type(value).__name__}), not text or a message list"
 
 
 class OPSDLTrainer(DistillationTrainer):
@@ -137,6 +165,12 @@ class OPSDLTrainer(DistillationTrainer):
                     "e.g. `tokenizer.pad_token = tokenizer.eos_token` or `tokenizer.add_special_tokens({'pad_token': "
                     "'<pad>'})` (and resize the embeddings)."
                 )
+            if tokenizer.eos_token is None:  # generation would stop on nothing and fail in transformers
+                raise ValueError(
+                    f"The tokenizer has no eos token (eos_token=None; pad_token={tokenizer.pad_token!r}), so a "
+                    "completion can never end. Set it, e.g. `tokenizer.eos_token = '</s>'` (the token the model ends "
+                    "its answers with), or use the model's own tokenizer."
+                )
             if tokenizer.pad_token is None:
                 logger.warning("The tokenizer has no pad token: its eos token is used for padding (TRL's convention).")
             if self._is_conversational and getattr(processing_class, "chat_template", None) is None:
@@ -145,6 +179,8 @@ class OPSDLTrainer(DistillationTrainer):
                     "template. Set `tokenizer.chat_template`, use an instruct model's tokenizer, or give plain-text "
                     "prompts."
                 )
+
+        self._check_dataset_size(train_dataset, args)
 
         super().__init__(
             model=model,
@@ -210,22 +246,47 @@ class OPSDLTrainer(DistillationTrainer):
                 )
         if not hasattr(dataset, "__getitem__") or not columns:
             return  # iterable datasets are checked batch by batch in `_check_rows`
-        self._check_rows([dataset[i] for i in range(min(len(dataset), 1))], column, name)
-        for i, teacher_prompt in enumerate(dataset[column]):
-            if not teacher_prompt:
-                raise ValueError(
-                    f"{name} row {i} has an empty or None {column!r} ({teacher_prompt!r}). Every row needs a short "
-                    "prompt for the teacher: fill it (e.g. with trl_opsdl.data extractors) or drop the row."
-                )
+        # Every row, before any compute: a bad row deep in the data would otherwise crash (or train on nothing) at
+        # the step that samples it, hours in, with an error naming its place in the batch.
+        offset = 0
+        for batch in dataset.select_columns(["prompt", column]).iter(batch_size=1024):
+            rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+            self._check_rows(rows, column, name, offset)
+            offset += len(rows)
 
-    def _check_rows(self, rows, column, where="batch"):
-        for i, row in enumerate(rows):
+    @staticmethod
+    def _check_dataset_size(dataset, args):
+        """A train set smaller than one generation batch trains 0 steps; rows beyond the last full one are unused."""
+        if dataset is None or not hasattr(dataset, "__len__") or isinstance(dataset, dict):
+            return
+        # TRL's sampler yields whole generation batches only (per-device batch x processes x accumulation steps) and
+        # drops each epoch's incomplete last one.
+        generation_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        if len(dataset) < generation_batch:
+            raise ValueError(
+                f"train_dataset has {len(dataset)} rows, fewer than one generation batch of {generation_batch} "
+                f"(per_device_train_batch_size={args.per_device_train_batch_size} x {args.world_size} processes x "
+                f"gradient_accumulation_steps={args.gradient_accumulation_steps}): training would run 0 steps. Add "
+                "rows, or lower the batch size or the accumulation steps."
+            )
+        dropped = len(dataset) % generation_batch
+        if dropped:
+            logger.warning(
+                f"train_dataset has {len(dataset)} rows, not a multiple of the generation batch ({generation_batch}): "
+                f"{dropped} rows of each epoch (a different {dropped} each epoch when shuffled) are not trained on."
+            )
+
+    def _check_rows(self, rows, column, where="batch", offset=0):
+        """Reject rows OPSDL cannot train on, naming the row (`offset + i`: its index in the dataset when known)."""
+        for i, row in enumerate(rows, start=offset):
             prompt, teacher_prompt = row.get("prompt"), row.get(column)
-            if not teacher_prompt:
-                raise ValueError(
-                    f"{where} row {i} has an empty or None {column!r} ({teacher_prompt!r}). Every row needs a short "
-                    "prompt for the teacher: fill it or drop the row."
-                )
+            for key, value in (("prompt", prompt), (column, teacher_prompt)):
+                problem = row_problem(value, repr(key))
+                if problem:
+                    raise ValueError(
+                        f"{where} row {i} has {problem}. Every row needs a long prompt and a short prompt for the "
+                        "teacher: fill it or drop the row (e.g. with `dataset.filter`) before training."
+                    )
             conversational = is_conversational({"prompt": prompt})
             if conversational != is_conversational({"prompt": teacher_prompt}):
                 raise ValueError(
@@ -243,6 +304,23 @@ class OPSDLTrainer(DistillationTrainer):
                         )
             if self._is_conversational is None:
                 self._is_conversational = conversational
+            elif conversational != self._is_conversational:
+                raise ValueError(
+                    f"{where} row {i} is {'conversational' if conversational else 'plain text'} but earlier rows are "
+                    f"{'conversational' if self._is_conversational else 'plain text'}. Use one format for every row."
+                )
+
+    # ---- the train sampler: one order per epoch, so a resumed run sees the batches the uninterrupted one does ------
+
+    def _get_train_sampler(self, dataset=None):
+        # The parent returns TRL's `RepeatSampler`, seeded once with no `set_epoch`: after a resume past epoch 0 it
+        # would replay epoch 0's order. `EpochRepeatSampler` draws epoch e's order from `seed + e` (same arguments).
+        sampler = super()._get_train_sampler(dataset)
+        return EpochRepeatSampler(
+            data_source=sampler.data_source, mini_repeat_count=sampler.mini_repeat_count,
+            batch_size=sampler.batch_size, repeat_count=sampler.repeat_count, shuffle=sampler.shuffle,
+            seed=sampler.seed,
+        )  # fmt: skip
 
     # ---- generation: the student generates on the long prompt; the short prompt is tokenized beside it ----------
 
@@ -265,11 +343,16 @@ class OPSDLTrainer(DistillationTrainer):
         # The parent generates on `prompt` and builds the student inputs. OPSDL adds the teacher's short prompt,
         # tokenized once per generation batch (not per micro-step), and a loss mask that can leave end tokens out.
         column = self.args.teacher_prompt_column
-        self._check_rows(inputs, column)
+        # Map-style datasets were checked row by row at construction; an iterable one is checked here, per batch.
+        self._check_rows(inputs, column, f"the generation batch at global step {self.state.global_step}:")
         teacher_prompts = [row[column] for row in inputs]
         if self.args.short_prompt_ratio > 0 and self.model.training:
             # Anchor rows: the student generates from the short prompt too, so the frozen teacher keeps it where it was.
-            rng = random.Random(self.args.seed * 1_000_003 + self._step)
+            # Keyed on checkpointed state (the optimizer step, and the micro-step within it), not on `self._step`,
+            # which restarts at 0 on resume; in an uninterrupted run the two are equal.
+            micro_step = self.state.global_step * self.args.gradient_accumulation_steps
+            micro_step += self._step % self.args.gradient_accumulation_steps
+            rng = random.Random(self.args.seed * 1_000_003 + micro_step)
             num_short = round(self.args.short_prompt_ratio * len(inputs))
             short_rows = set(rng.sample(range(len(inputs)), num_short))
             inputs = [{**row, "prompt": row[column]} if i in short_rows else row for i, row in enumerate(inputs)]
@@ -445,19 +528,61 @@ class OPSDLTrainer(DistillationTrainer):
             )
         return (loss, None) if return_outputs else loss
 
-    # ---- EMA teacher state in checkpoints -------------------------------------------------------------------------
+    # ---- resuming and checkpoints: the last complete checkpoint, the EMA teacher's state written first ------------
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        # The parent restores the student and optimizer; the EMA teacher's weights are OPSDL's own state, so the
-        # checkpoint to resume from is remembered here and loaded by the EMA callback once training begins.
-        if self.ema_teacher is not None and resume_from_checkpoint:
-            if resume_from_checkpoint is True:
-                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            self.ema_teacher.resume_from = resume_from_checkpoint
+        # The parent resolves `resume_from_checkpoint=True` to the highest-numbered `checkpoint-*` folder, even one a
+        # killed save left half-written, and then crashes in it. OPSDL resolves it to the newest complete checkpoint
+        # (warning about the newer, incomplete ones), refuses an incomplete explicit one, and warns when a fresh run
+        # writes into a folder holding another run's checkpoints. The EMA teacher's weights are OPSDL's own state: the
+        # checkpoint is remembered here and loaded by the EMA callback once training begins.
+        needs_ema = self.ema_teacher is not None
+        output_dir = self._get_output_dir(trial=trial)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint, skipped = last_complete_checkpoint(output_dir, needs_ema)
+            for path, problem in skipped:
+                logger.warning(f"Not resuming from {path}: {problem}. Trying the checkpoint before it.")
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {output_dir!r} holds no complete checkpoint"
+                    + (f" ({len(skipped)} incomplete: {[p for p, _ in skipped]})" if skipped else "")
+                    + ". Start without resume_from_checkpoint, or pass the path of a complete checkpoint."
+                )
+            logger.info(f"Resuming from {resume_from_checkpoint}, the last complete checkpoint.")
+        elif resume_from_checkpoint:
+            resume_from_checkpoint = str(resume_from_checkpoint)
+            if not os.path.isdir(resume_from_checkpoint):
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint={resume_from_checkpoint!r} is not a folder. Pass a checkpoint folder "
+                    f"(e.g. {os.path.join(output_dir, PREFIX_CHECKPOINT_DIR + '-500')}) or True for the last one."
+                )
+            problem = checkpoint_problem(resume_from_checkpoint, needs_ema)
+            if problem:
+                raise ValueError(
+                    f"Cannot resume from {resume_from_checkpoint!r}: {problem}. Pass an earlier checkpoint, or "
+                    "resume_from_checkpoint=True for the last complete one."
+                )
+        else:
+            existing = list_checkpoints(output_dir)
+            if existing and self.args.should_save:
+                logger.warning(
+                    f"output_dir {output_dir!r} already holds {len(existing)} checkpoint(s) of another run "
+                    f"({os.path.basename(existing[-1])} the newest). This run saves beside them, and a later "
+                    "resume_from_checkpoint=True may pick up the old run's. Use a new output_dir, remove them, or "
+                    "pass resume_from_checkpoint to continue that run."
+                )
+        if needs_ema:
+            self.ema_teacher.resume_from = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # The parent writes weights, optimizer, scheduler, RNG state, then `trainer_state.json` (which makes the
+        # checkpoint count as complete), then deletes checkpoints beyond `save_total_limit`. The EMA teacher's state is
+        # written first, so a save killed at any point leaves either a complete checkpoint or an incomplete one that
+        # resuming skips, and the older checkpoints are only deleted once the new one holds everything.
         if self.ema_teacher is not None:
             run_dir = self._get_output_dir(trial=trial)
-            self.ema_teacher.save(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+            checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            self.ema_teacher.save(checkpoint_dir)
+        super()._save_checkpoint(model, trial)

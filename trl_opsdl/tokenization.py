@@ -52,6 +52,30 @@ def load_tokenizer(path: str):
 _PROBE = "Paris is the capital of France. Question: what is 12 + 30? Answer: 42 key w1 V3 K17"
 
 
+def check_model_path(path: str, flag: str = "--model") -> None:
+    """Fail before any work on a local model path that is not a model folder (a hub id is left to the loader)."""
+    path = os.path.expanduser(str(path))
+    if os.path.isfile(path):
+        raise ValueError(f"{flag} {path!r} is a file; pass the model folder (with config.json and the weights).")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{flag} {path!r} has no config.json: it is not a model folder (save_pretrained writes one).")
+    if not os.path.exists(path) and path.startswith((".", "/", "~")):
+        raise ValueError(f"{flag} {path!r} does not exist (working directory: {os.getcwd()}).")
+    if os.path.isdir(path):  # a truncated weights file fails deep in loading; its header says so at once
+        from safetensors import safe_open
+
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(path, name), framework="pt"):
+                        pass
+                except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
+                    raise ValueError(
+                        f"{flag} {path!r}: {name} is not a readable safetensors file ({error}); it was probably cut "
+                        "short by a download or copy. Copy or save the model again."
+                    ) from error
+
+
 def _same_as_file(tokenizer, file: str) -> bool:
     """Whether `tokenizer` splits a probe text into the ids its `tokenizer.json` gives (the word-level trap)."""
     from tokenizers import Tokenizer

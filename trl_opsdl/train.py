@@ -42,7 +42,7 @@ def main(script_args, training_args, model_args):
 
     from .data.reader import load_data
     from .opsdl_trainer import OPSDLTrainer
-    from .tokenization import load_tokenizer
+    from .tokenization import check_model_path, load_tokenizer
 
     if script_args.dataset_name is None:
         raise ValueError(
@@ -52,6 +52,7 @@ def main(script_args, training_args, model_args):
     if model_args.model_name_or_path is None:
         raise ValueError("No model: pass --model_name_or_path (a local folder or a hub id).")
     check_vllm(training_args)
+    check_model_path(model_args.model_name_or_path, "--model_name_or_path")
 
     # The model is passed to the trainer as a path, not an instance: under ZeRO-3 the frozen `base` teacher is rebuilt
     # from it (a copy of a sharded model holds empty shards).
@@ -96,7 +97,10 @@ def main(script_args, training_args, model_args):
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # `--resume_from_checkpoint` is a string on the command line: "True" means the last complete checkpoint.
+    resume = training_args.resume_from_checkpoint
+    resume = True if isinstance(resume, str) and resume.lower() == "true" else resume
+    trainer.train(resume_from_checkpoint=resume)
     trainer.accelerator.print("Training completed.")
 
     trainer.save_model(training_args.output_dir)

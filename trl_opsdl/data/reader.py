@@ -5,6 +5,7 @@ a folder (written by `Dataset.save_to_disk`, or holding data files), a dataset i
 exists), or data already in memory (a `datasets.Dataset` or a list of dicts).
 """
 
+import json
 import os
 
 
@@ -43,6 +44,8 @@ def load_data(source, split: str | None = "train", config: str | None = None, st
                     f"{name!r} is a {extension or 'extension-less'} file; a local dataset must be one of "
                     f"{sorted(FILE_BUILDERS)} or a folder (from `Dataset.save_to_disk` or holding such files)."
                 )
+            if extension in (".json", ".jsonl", ".csv"):
+                check_text_file(name, as_json=extension != ".csv")
             dataset = load_dataset(FILE_BUILDERS[extension], data_files=name, streaming=streaming)
             if extension == ".json" and _is_wrapped(dataset):  # `{"data": [...]}`, read as one row of `data`
                 dataset = load_dataset("json", data_files=name, field="data", streaming=streaming)
@@ -65,6 +68,59 @@ def load_data(source, split: str | None = "train", config: str | None = None, st
     if split not in dataset:
         raise ValueError(f"{source!r} has splits {list(dataset)}, not {split!r}.")
     return dataset[split]
+
+
+def check_text_file(path: str, as_json: bool = False) -> None:
+    """Fail with the file name and real line number on what `datasets` would report without either (or load and
+    crash on later): an empty file, a byte that is not UTF-8, a JSON line that does not parse. With `as_json`, the file
+    may be one JSON document or JSON lines (as `datasets`' json builder reads either, whatever the suffix)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path}:{line}: byte {data[error.start : error.start + 1]!r} is not UTF-8 text ({error.reason}). Save the "
+            "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from None
+    if not text.strip():
+        raise ValueError(f"{path} is empty: it holds no rows.")
+    if not as_json:
+        return
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError as error:
+        first = text.lstrip().split("\n", 1)[0]
+        if not _parses(first) or first.strip() == text.strip():  # not JSON lines either: the document's error
+            raise ValueError(
+                f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno}). Fix that line, or "
+                "write one JSON object per line (.jsonl)."
+            ) from None
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno}). Each line must be one JSON "
+                "object; fix or remove that line."
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{path}:{number}: a JSON {type(row).__name__}, not an object. Each line must be one JSON object "
+                '(e.g. {"prompt": ..., "teacher_prompt": ...}).'
+            )
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 def _is_wrapped(dataset) -> bool:

@@ -34,6 +34,7 @@ class DemoConfig:
     save_model: bool = False  # also save the trained model and tokenizer to <output_dir>/model
     num_threads: int = 1  # 2 threads are faster only on an idle machine, and 4x slower on a shared one
     logging_steps: int = 10
+    overwrite: bool = False  # replace an earlier run's results in a non-empty output_dir
 
 
 @dataclass

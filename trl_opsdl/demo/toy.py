@@ -8,6 +8,7 @@ pair), evaluates again, and writes `results.json` and a plot. The baselines and 
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -66,6 +67,27 @@ def check_demo_config(config: DemoConfig) -> None:
     build_kv_retrieval(1, tuple(config.train_pairs))  # checks the range
     for pairs in (config.short_pairs, *config.long_pairs):
         build_kv_retrieval(1, pairs)
+
+
+DEMO_OUTPUTS = ("results.json", "accuracy_vs_context.png", "model")
+
+
+def prepare_output_dir(config: DemoConfig) -> Path:
+    """The output folder, refused when it holds anything unless `overwrite` (then an earlier demo's files go)."""
+    output_dir = Path(config.output_dir)
+    if output_dir.is_file():
+        raise ValueError(f"--output-dir {config.output_dir!r} is a file; pass a folder.")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not config.overwrite:
+            raise ValueError(
+                f"--output-dir {config.output_dir!r} is not empty; pass another folder, or --overwrite to replace "
+                "an earlier demo's results there."
+            )
+        for name in DEMO_OUTPUTS:  # a stale model/ of a --save-model run must not sit beside new results
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
 
 
 def cpu_trainer_args(config: DemoConfig, output_dir) -> dict:
@@ -168,6 +190,7 @@ def train_opsdl(model, tokenizer, train_dataset, config: DemoConfig, output_dir,
 
 def _settings(config: DemoConfig) -> dict:
     settings = asdict(config)
+    settings.pop("overwrite")  # how the folder was handled, not a setting of the experiment
     settings["model_path"] = str(config.model_path or DEMO_MODEL_DIR)
     settings["pairs"] = {"short": config.short_pairs, **{f"long_{n}": n for n in sorted(config.long_pairs)}}
     return json.loads(json.dumps(settings))  # tuples as lists: what results.json holds
@@ -186,8 +209,7 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
     start = time.time()
     check_demo_config(config)
     torch.set_num_threads(config.num_threads)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(config)
 
     model, tokenizer = load_demo_model(config.model_path)
     sets = eval_sets(config.short_pairs, config.long_pairs, config.eval_examples)
