@@ -1,5 +1,6 @@
 """`benchmarks/step_cost.py` compares like with like: its variants compute the same loss on the same rows."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -28,4 +29,8 @@ def test_floor_naive_and_opsdl_compute_the_same_first_loss():
     # TRL's distillation: another teacher on the long prompt, so another number; only check that it trained.
     assert len(out["trl_distillation"]["losses"]) == 2 and out["trl_distillation"]["losses"][0] != floor_loss
     for variant, result in out.items():
-        assert len(result["step_times"]) == len(result["cpu_times"]) == 1 and result["peak_mb"] > 0, variant
+        # Measured in this (pytest) process, whose resident pages the kernel may reclaim on a busy machine, the
+        # peak-over-baseline can dip a little below zero (seen: -0.1 MB); the benchmark runs each variant in a fresh
+        # process. Here it only has to be measured.
+        assert len(result["step_times"]) == len(result["cpu_times"]) == 1, variant
+        assert math.isfinite(result["peak_mb"]) and result["peak_mb"] > -16, (variant, result["peak_mb"])
