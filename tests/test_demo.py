@@ -277,6 +277,13 @@ def test_compare_end_to_end_aggregates_seeds(tmp_path, tiny_demo_model):
         summary = results["summary"][method]["long_8"]
         assert summary["mean"] == pytest.approx(sum(values) / 2, abs=0.01)
         assert summary["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5, abs=0.01)  # sample std, n=2
+    # A second comparison into the same folder would replace these files: refused before any work, nothing lost.
+    before = (out / "compare.json").read_text()
+    with pytest.raises(
+        ValueError, match="already holds compare.json, compare.md, compare.png of an earlier --compare"
+    ):
+        run_compare(config, methods, seeds=(0,), log=lambda _: None)
+    assert (out / "compare.json").read_text() == before
 
 
 def test_cli_demo_rejects_bad_input(tmp_path, capsys):

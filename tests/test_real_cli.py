@@ -95,3 +95,17 @@ def test_demo_real_refuses_a_used_output_folder_unless_overwrite(tiny, tmp_path,
     assert main(["demo", "--real", "--quick", "--model", model, "--squad", squad, "--output-dir", str(out)]) == 2
     assert "is not empty; pass another folder or --overwrite" in capsys.readouterr().err
     assert (out / "results.json").read_text() == "{}"  # nothing lost
+
+
+def test_real_compare_refuses_to_redo_a_finished_method_seed_run(tiny, tmp_path, capsys):
+    model, squad = tiny
+    runs = tmp_path / "cmp" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "opsdl-seed0.json").write_text('{"method": "opsdl"}')
+    argv = ["demo", "--real", "--quick", "--compare", "--methods", "opsdl", "--seeds", "0", "--model", model,
+            "--squad", squad, "--output-dir", str(tmp_path / "cmp")]  # fmt: skip
+    assert main(argv) == 2
+    assert "already holds runs/opsdl-seed0.json" in capsys.readouterr().err
+    assert (runs / "opsdl-seed0.json").read_text() == '{"method": "opsdl"}' and sorted(
+        p.name for p in runs.iterdir()
+    ) == ["opsdl-seed0.json"]

@@ -191,9 +191,16 @@ def run_compare(
     methods = COMPARE_METHODS if methods is None else methods
     start = time.time()
     for spec in methods.values():
-        check_demo_config(replace(config, **{k: v for k, v in spec.items() if k != "trainer"}))
-    torch.set_num_threads(config.num_threads)
+        check_demo_config(replace(config, overwrite=True, **{k: v for k, v in spec.items() if k != "trainer"}))
     output_dir = Path(config.output_dir)
+    # `<name>.json/.md/.png` are this comparison's outputs: an earlier one's are replaced only when asked.
+    earlier = [p.name for p in (output_dir / f"{name}{ext}" for ext in (".json", ".md", ".png")) if p.exists()]
+    if earlier and not config.overwrite:
+        raise ValueError(
+            f"--output-dir {config.output_dir!r} already holds {', '.join(earlier)} of an earlier --{name}; pass "
+            "another folder, or --overwrite to replace them."
+        )
+    torch.set_num_threads(config.num_threads)
     output_dir.mkdir(parents=True, exist_ok=True)
     sets = eval_sets(config.short_pairs, config.long_pairs, config.eval_examples)
     longest = f"long_{max(config.long_pairs)}"

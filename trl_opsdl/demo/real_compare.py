@@ -143,6 +143,19 @@ def run_real_compare(
     methods = REAL_COMPARE_METHODS if methods is None else methods
     for spec in methods.values():
         check_real_config(replace(config, overwrite=True, **{k: v for k, v in spec.items() if k != "trainer"}))
+    # Run files are shared by processes that split the grid (each writes its own method-seed files): a file this call
+    # would write again is refused unless --overwrite, so a second launch of the same cells loses nothing.
+    taken = [
+        f"{m}-seed{k}.json"
+        for m in methods
+        for k in seeds
+        if (Path(config.output_dir) / "runs" / f"{m}-seed{k}.json").exists()
+    ]
+    if taken and not config.overwrite:
+        raise ValueError(
+            f"--output-dir {config.output_dir!r} already holds runs/{taken[0]} (and {len(taken) - 1} more of these "
+            "method-seed runs); pass other --methods/--seeds, another folder, or --overwrite to redo them."
+        )
     import torch
 
     torch.set_num_threads(config.num_threads)
