@@ -37,7 +37,8 @@ def main(argv=None):
     torch.set_num_threads(2)
     model_path = prepare_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    _, held_out = split_articles(load_squad(args.squad or squad_path()), 12 if args.squad is None else 1, seed=0)
+    articles = load_squad(args.squad or squad_path())
+    _, held_out = split_articles(articles, min(12, len(articles) - 1), seed=0)  # demo --real's held-out articles
     rows = build_squad_pairs(held_out, tokenizer, [args.length], num_samples=args.num, seed=7).to_list()
     model = AutoModelForCausalLM.from_pretrained(model_path)
     bm25 = BM25Extractor(top_k=3, chunk_size=64, tokenizer=tokenizer)
