@@ -28,7 +28,7 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_opsdl.data import BM25Extractor, SelfExtractor
-    from trl_opsdl.data.extract import evidence_recall
+    from trl_opsdl.data.columns import evidence_recall
     from trl_opsdl.data.squad import build_squad_pairs, load_squad, split_articles
     from trl_opsdl.evaluation import contains_answer
     from trl_opsdl.gguf import prepare_model

@@ -140,3 +140,29 @@ def test_quick_real_demo_on_a_tiny_bpe_chat_model(tmp_path):
 def test_quick_real_demo_on_the_real_model(real_model, tmp_path):
     results = _quick(tmp_path, real_model)
     assert results["before"]["short"]["n"] == 4
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("real_step_split", ["--steps", "2", "--batch-size", "2", "--length", "256", "--completion-length", "4"]),
+        ("real_extractors", ["--num", "2", "--length", "256", "--max-new-tokens", "8"]),
+    ],
+)
+def test_real_benchmarks_run_at_their_smallest_setting(tmp_path, monkeypatch, script, args):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.chdir(tmp_path)
+    model = save_bpe_chat_model(tmp_path / "tiny")
+    squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
+    module = importlib.import_module(script)
+    result = module.main(["--model", model, "--squad", squad, "--output", str(tmp_path / "out.json"), *args])
+    written = json.loads((tmp_path / "out.json").read_text())
+    if script == "real_step_split":
+        assert written["ratio_opsdl_step_to_sft_step"] > 0 and set(written["opsdl"]) >= {"generation", "optimizer"}
+    else:
+        assert "gold paragraph (reference)" in written["extractors"] and written["rows"] == 2
+    assert result is not None and script in sys.modules
