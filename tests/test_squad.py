@@ -125,11 +125,11 @@ def test_load_squad_bad_inputs(tmp_path):
 @pytest.mark.parametrize(
     "reply, answers, expected",
     [
-        ("The Denver Broncos won.", ["Denver Broncos"], 100.0),  # inside a sentence, case and punctuation ignored
+        ("The Avel Rovers won.", ["Avel Rovers"], 100.0),  # inside a sentence, case and punctuation ignored
         ("It was built in 1851.", ["1851"], 100.0),
         ("It was built in 18510.", ["1851"], 0.0),  # whole words only
-        ("The broncos", ["Denver Broncos"], 0.0),
-        ("Carolina Panthers!", ["Denver Broncos", "the Carolina Panthers"], 100.0),  # articles dropped, any ref
+        ("The rovers", ["Avel Rovers"], 0.0),
+        ("Brisk Hawks!", ["Avel Rovers", "the Brisk Hawks"], 100.0),  # articles dropped, any ref
         ("", ["x"], 0.0),
     ],
 )
@@ -138,8 +138,8 @@ def test_contains_answer_hand_computed(reply, answers, expected):
 
 
 def test_token_f1_hand_computed_on_a_sentence_reply():
-    # pred tokens: denver broncos won game (4), ref: denver broncos (2); overlap 2 → P=0.5, R=1 → F1=2/3
-    assert token_f1("The Denver Broncos won the game.", ["Denver Broncos"]) == pytest.approx(200 / 3)
+    # pred tokens: avel rovers won game (4), ref: avel rovers (2); overlap 2 → P=0.5, R=1 → F1=2/3
+    assert token_f1("The Avel Rovers won the game.", ["Avel Rovers"]) == pytest.approx(200 / 3)
 
 
 def test_interval95_hand_computed():
