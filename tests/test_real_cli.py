@@ -93,7 +93,7 @@ def test_demo_real_refuses_a_used_output_folder_unless_overwrite(tiny, tmp_path,
     out.mkdir()
     (out / "results.json").write_text("{}")
     assert main(["demo", "--real", "--quick", "--model", model, "--squad", squad, "--output-dir", str(out)]) == 2
-    assert "is not empty; pass another folder or --overwrite" in capsys.readouterr().err
+    assert "is not empty; pass another folder, or --overwrite" in capsys.readouterr().err
     assert (out / "results.json").read_text() == "{}"  # nothing lost
 
 

@@ -16,11 +16,9 @@ evaluation question from the others.
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 from .config import RealDemoConfig
 
@@ -62,13 +60,6 @@ def check_real_config(config: RealDemoConfig) -> None:
             raise ValueError(f"{name}={getattr(config, name)} must list target lengths of at least 64 tokens.")
     if config.squad is not None and not os.path.isfile(config.squad):
         raise ValueError(f"--squad {config.squad!r} is not a file; pass a SQuAD-format JSON file (or leave it out).")
-    output = Path(config.output_dir)
-    if output.is_file():
-        raise ValueError(f"--output-dir {config.output_dir!r} is a file; pass a folder.")
-    if output.is_dir() and any(output.iterdir()) and not config.overwrite:
-        raise ValueError(
-            f"--output-dir {config.output_dir!r} is not empty; pass another folder or --overwrite to replace it."
-        )
     with tempfile.TemporaryDirectory() as scratch:
         OPSDLConfig(**_opsdl_kwargs(config, scratch))  # the trainer's own checks name the bad value
 
@@ -248,18 +239,13 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
     from transformers import PrinterCallback
 
     from ..timing import StepTimer
-    from .toy import write_outputs
+    from .toy import prepare_output_dir, write_outputs
 
     config = config or RealDemoConfig()
     check_real_config(config)
     start = time.time()
     torch.set_num_threads(config.num_threads)
-    output_dir = Path(config.output_dir)
-    if output_dir.is_dir() and config.overwrite:
-        for name in ("results.json", "accuracy_vs_context.png", "model"):
-            path = output_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(config)  # the toy demo's rule: refused when used, unless --overwrite
 
     model_path, tokenizer, train_articles, held_out = prepare(config, log)
     sets = eval_sets(config, tokenizer, held_out)
