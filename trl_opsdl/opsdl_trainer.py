@@ -47,6 +47,21 @@ def fit_to_length(ids: list[int], max_length: int | None, policy: str, what: str
     return ids[:head] + ids[len(ids) - (max_length - head) :], True  # "middle": LongBench keeps both ends
 
 
+# A streamed (iterable) dataset cannot be checked before training: each row is checked when its generation batch
+# arrives. This column, added by `OPSDLTrainer`, carries the row's position in the stream the user gave, so the error
+# names the row in the dataset rather than its place in the batch (TRL shuffles and repeats the stream after it).
+STREAM_ROW_COLUMN = "_opsdl_stream_row"
+
+
+def number_stream_rows(dataset):
+    """`dataset` with each row's 0-based stream position added as `STREAM_ROW_COLUMN` (iterable datasets only)."""
+    from datasets import IterableDataset
+
+    if not isinstance(dataset, IterableDataset):
+        return dataset
+    return dataset.map(lambda _, index: {STREAM_ROW_COLUMN: index}, with_indices=True)
+
+
 def row_problem(value, what: str) -> str | None:
     """Why one prompt (plain text or a message list) cannot be trained on, or `None`."""
     if isinstance(value, str):
@@ -181,6 +196,11 @@ class OPSDLTrainer(DistillationTrainer):
                 )
 
         self._check_dataset_size(train_dataset, args)
+        train_dataset = number_stream_rows(train_dataset)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: number_stream_rows(ds) for name, ds in eval_dataset.items()}
+        else:
+            eval_dataset = number_stream_rows(eval_dataset)
 
         super().__init__(
             model=model,
@@ -277,8 +297,10 @@ class OPSDLTrainer(DistillationTrainer):
             )
 
     def _check_rows(self, rows, column, where="batch", offset=0):
-        """Reject rows OPSDL cannot train on, naming the row (`offset + i`: its index in the dataset when known)."""
+        """Reject rows OPSDL cannot train on, naming the row: its index in the dataset (`offset + i` for a map-style
+        one; for a streamed one, its position in the stream, carried in `STREAM_ROW_COLUMN`)."""
         for i, row in enumerate(rows, start=offset):
+            i = row.get(STREAM_ROW_COLUMN, i)
             prompt, teacher_prompt = row.get("prompt"), row.get(column)
             for key, value in (("prompt", prompt), (column, teacher_prompt)):
                 problem = row_problem(value, repr(key))
@@ -344,7 +366,8 @@ class OPSDLTrainer(DistillationTrainer):
         # tokenized once per generation batch (not per micro-step), and a loss mask that can leave end tokens out.
         column = self.args.teacher_prompt_column
         # Map-style datasets were checked row by row at construction; an iterable one is checked here, per batch.
-        self._check_rows(inputs, column, f"the generation batch at global step {self.state.global_step}:")
+        split = "train_dataset" if self.model.training else "eval_dataset"
+        self._check_rows(inputs, column, f"{split} (streamed; checked at global step {self.state.global_step}):")
         teacher_prompts = [row[column] for row in inputs]
         if self.args.short_prompt_ratio > 0 and self.model.training:
             # Anchor rows: the student generates from the short prompt too, so the frozen teacher keeps it where it was.
