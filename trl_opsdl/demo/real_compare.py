@@ -24,6 +24,9 @@ REAL_COMPARE_METHODS = {
     "opsdl_topk_logits": {"distillation_mode": "topk_logits"},
     "opsdl_teacher_ema": {"teacher_model_kind": "ema"},
     "opsdl_teacher_live": {"teacher_model_kind": "live"},  # the teacher co-evolves with the student
+    # Half of each batch's rows sampled from the short prompt too: the frozen teacher then holds the student's
+    # short-context behaviour where it was (KL = 0 there at the start), against the drift the default run shows.
+    "opsdl_short_anchors": {"short_prompt_ratio": 0.5},
     "sft_gold": {"trainer": "sft_gold"},  # labels: a reference OPSDL does not have
     "sft_self": {"trainer": "sft_self"},  # label-free, off-policy: the model's own answer to the short prompt
     "dpo_longpo": {"trainer": "dpo"},  # LongPO-style: chosen = short-prompt answer, rejected = long-prompt answer
