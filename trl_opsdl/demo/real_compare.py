@@ -27,6 +27,7 @@ REAL_COMPARE_METHODS = {
     # Half of each batch's rows sampled from the short prompt too: the frozen teacher then holds the student's
     # short-context behaviour where it was (KL = 0 there at the start), against the drift the default run shows.
     "opsdl_short_anchors": {"short_prompt_ratio": 0.5},
+    "opsdl_lr_3e-4": {"learning_rate": 3e-4},  # a third of the default step size, the other guard against drift
     "sft_gold": {"trainer": "sft_gold"},  # labels: a reference OPSDL does not have
     "sft_self": {"trainer": "sft_self"},  # label-free, off-policy: the model's own answer to the short prompt
     "dpo_longpo": {"trainer": "dpo"},  # LongPO-style: chosen = short-prompt answer, rejected = long-prompt answer
