@@ -366,8 +366,11 @@ class OPSDLTrainer(DistillationTrainer):
         # tokenized once per generation batch (not per micro-step), and a loss mask that can leave end tokens out.
         column = self.args.teacher_prompt_column
         # Map-style datasets were checked row by row at construction; an iterable one is checked here, per batch.
+        # (Also a map-style set handed to `evaluate()` later, never checked: its rows carry no stream position.)
         split = "train_dataset" if self.model.training else "eval_dataset"
-        self._check_rows(inputs, column, f"{split} (streamed; checked at global step {self.state.global_step}):")
+        streamed = STREAM_ROW_COLUMN in inputs[0]
+        where = f"{split} (streamed; checked" if streamed else f"the generation batch ({split}"
+        self._check_rows(inputs, column, f"{where} at global step {self.state.global_step}):")
         teacher_prompts = [row[column] for row in inputs]
         if self.args.short_prompt_ratio > 0 and self.model.training:
             # Anchor rows: the student generates from the short prompt too, so the frozen teacher keeps it where it was.
