@@ -36,7 +36,7 @@ def main(argv=None):
     from trl_opsdl.data.squad import build_squad_pairs, load_squad
     from trl_opsdl.gguf import prepare_model
     from trl_opsdl.pypi_sources import squad_path
-    from trl_opsdl.timing import StepTimer
+    from trl_opsdl.timing import StepTimer, host_speed
 
     torch.set_num_threads(args.num_threads)
     model_path = prepare_model(args.model)
@@ -104,6 +104,7 @@ def main(argv=None):
         "ratio_opsdl_training_part_to_sft_step": round(training / sft_step, 2),
         "ratio_opsdl_without_generation_to_sft_step": round((opsdl["seconds_per_step"] -
                                                              opsdl["generation"]["seconds"]) / sft_step, 2),
+        "host": host_speed(),  # the seconds depend on it; the ratios much less
     }  # fmt: skip
     print("| phase | seconds/step | share |\n|---|---|---|")
     for phase in StepTimer.PHASES:

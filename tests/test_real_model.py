@@ -130,6 +130,8 @@ def _quick(tmp_path, model):
         "optimizer",
     }
     assert (tmp_path / "out" / "accuracy_vs_context.png").stat().st_size > 1000
+    # the host its seconds were measured on: the same machine kind has run this 3.5x slower on another host
+    assert written["host"]["matmul_gflops_fp32"] > 0 and written["host"]["torch_threads"] >= 1
     return results
 
 
@@ -162,6 +164,33 @@ def test_real_benchmarks_run_at_their_smallest_setting(tmp_path, monkeypatch, sc
     written = json.loads((tmp_path / "out.json").read_text())
     if script == "real_step_split":
         assert written["ratio_opsdl_step_to_sft_step"] > 0 and set(written["opsdl"]) >= {"generation", "optimizer"}
+        assert written["host"]["matmul_gflops_fp32"] > 0
     else:
         assert "gold paragraph (reference)" in written["extractors"] and written["rows"] == 2
     assert result == written
+
+
+def test_dpo_baseline_takes_the_step_batch_in_two_half_size_forwards(tmp_path):
+    """DPO forwards chosen + rejected: the real run's 4 prompts at ~1,050 tokens went past 24 GB in one forward, so the
+    baseline takes them in two forwards of 2 and one optimizer step, keeping OPSDL's prompts per step."""
+    from dataclasses import replace
+
+    from trl_opsdl.demo.config import RealDemoConfig
+    from trl_opsdl.demo.real import load_model, prepare, quick_config, train_dataset
+    from trl_opsdl.demo.real_compare import _baseline_trainer
+
+    model = save_bpe_chat_model(tmp_path / "tiny")
+    squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
+    config = RealDemoConfig(model=model, squad=squad, output_dir=str(tmp_path / "out"))
+    config = replace(quick_config(config), batch_size=4, max_steps=1)
+    model_path, tokenizer, train_articles, _ = prepare(config, log=lambda *_: None)
+    dataset = train_dataset(config, tokenizer, train_articles)
+    trainer = _baseline_trainer(
+        "dpo", load_model(model_path), tokenizer, dataset, config, tmp_path / "dpo", [], lambda *_: None
+    )
+    args = trainer.args
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
+    sft = _baseline_trainer(
+        "sft_self", load_model(model_path), tokenizer, dataset, config, tmp_path / "sft", [], lambda *_: None
+    )
+    assert (sft.args.per_device_train_batch_size, sft.args.gradient_accumulation_steps) == (4, 1)

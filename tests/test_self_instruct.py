@@ -19,6 +19,7 @@ from trl_opsdl.data.self_instruct import (
     candidate_spans,
     copies_span,
     draw_spans,
+    grounded,
     load_documents,
     parse_question,
     same_answer,
@@ -72,7 +73,8 @@ class Stub:
                 "0": "   ",  # empty
                 "1": f"Question: Tell me about the {thing} of {town} number {p}.",  # not a question
                 "2": f"{fact.group(0)[:-1]}?",  # a span sentence with a question mark
-                "3": "What is this text about?",  # the same for six spans: five duplicates
+                # towns 0-2: an echo naming nothing in the span; towns 3-5: one grounded question, twice repeated
+                "3": "What is this text about?" if town in _TOWNS[:3] else "Who often talks about the mill?",
                 "4": f"Who built the {thing} of {town} number {p}?",  # low log-prob
                 "5": f"Who built the {thing} of {town} number {p}?",  # inconsistent samples
                 "6": f"When was the {thing} of {town} number {p} built?",  # answerable closed-book
@@ -130,7 +132,8 @@ def test_every_filter_is_counted(built):
         "empty": 6,
         "not_a_question": 6,
         "copies_span": 6,
-        "duplicate": 5,
+        "not_grounded": 3,
+        "duplicate": 2,
         "low_logprob": 6,
         "inconsistent": 6,
         "closed_book": 6,
@@ -140,8 +143,8 @@ def test_every_filter_is_counted(built):
     assert len(dataset) == 2 * q["kept"] == report["rows"]
     assert {name for name in report["dropped_examples"]} == set(FILTERS)
     kept = sorted(set(dataset["question"]))
-    assert kept[0] == "What is this text about?" and all(
-        re.match(r"Who built the mill of \w+ number 7\?", x) for x in kept[1:]
+    assert kept[-1] == "Who often talks about the mill?" and all(
+        re.match(r"Who built the mill of \w+ number 7\?", x) for x in kept[:-1]
     )
     rows = [r for r in dataset.to_list() if "number 7" in r["question"]]
     assert all(r["answers"] and r["answers"][0] in r["span"] for r in rows)  # the model's own answer, from the span
@@ -240,6 +243,8 @@ def test_question_parsing_and_the_text_checks():
     assert copies_span("The mill of Avel number 3 was built in 1850 by Mara Quill?", span)
     assert copies_span("Was the mill of Avel number 3 built in 1850 by Mara Quill?", span)
     assert not copies_span("Who built the mill of Avel number 3?", span)
+    assert grounded("Who built the mill of Avel?", span) and grounded("Who was Mara Quill's father?", span)
+    assert not grounded("What is the answer to this question?", span) and not grounded("What is it?", span)
     question = "When was the mill built?"
     assert same_answer("It was built in 1850.", "In 1850, I think.", question)
     assert not same_answer("It was built in 1850.", "It was built in 1900.", question)

@@ -238,7 +238,7 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
     import torch
     from transformers import PrinterCallback
 
-    from ..timing import StepTimer
+    from ..timing import StepTimer, host_speed
     from .toy import prepare_output_dir, write_outputs
 
     config = config or RealDemoConfig()
@@ -247,6 +247,8 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
     torch.set_num_threads(config.num_threads)
     output_dir = prepare_output_dir(config)  # the toy demo's rule: refused when used, unless --overwrite
 
+    host = host_speed()
+    log(f"host: {host['cpu']}, {host['torch_threads']} threads, {host['matmul_gflops_fp32']} GFLOP/s fp32 matmul")
     model_path, tokenizer, train_articles, held_out = prepare(config, log)
     sets = eval_sets(config, tokenizer, held_out)
     dataset = train_dataset(config, tokenizer, train_articles)
@@ -275,6 +277,7 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
         "train_seconds": round(train_seconds, 1),
         "settings": _settings(config, model_path),
         "runtime_seconds": round(time.time() - start, 1),
+        "host": host,
     }
     write_outputs(output_dir, results, model if config.save_model else None, tokenizer, plot_real, real_table, log)
     return results

@@ -88,6 +88,13 @@ def _baseline_trainer(kind, model, tokenizer, dataset, config: RealDemoConfig, o
     ties = sum(c == r for c, r in zip(completions, rejected))
     log(f"  dpo: {ties}/{len(rejected)} pairs have chosen == rejected (no gradient from those)")
     data = Dataset.from_dict({"prompt": prompts, "chosen": completions, "rejected": rejected})
+    # A DPO step forwards chosen and rejected, twice OPSDL's sequences with gradient: at 4 prompts of ~1,050 tokens
+    # it went past this machine's 24 GB (killed at 24.3 GB). Half the prompts per forward, two forwards per optimizer
+    # step (peak 17.3 GiB): the same 4 prompts per step and the same 40 steps, so the budget stays OPSDL's.
+    per_forward = config.batch_size // 2 if config.batch_size % 2 == 0 else 1
+    common.update(
+        per_device_train_batch_size=per_forward, gradient_accumulation_steps=config.batch_size // per_forward
+    )
     args = DPOConfig(**common, max_length=None)
     return DPOTrainer(
         model=model,
@@ -104,7 +111,7 @@ def run_real_method(name, spec, config: RealDemoConfig, sets, model_path, tokeni
     """Train one method from the prepared model with `config.seed`; measure it on `sets`."""
     from transformers import PrinterCallback
 
-    from ..timing import StepTimer
+    from ..timing import StepTimer, host_speed
 
     spec = dict(spec)
     kind = spec.pop("trainer", "opsdl")
@@ -131,6 +138,7 @@ def run_real_method(name, spec, config: RealDemoConfig, sets, model_path, tokeni
         "scores": scores,
         "train_seconds": round(seconds, 1),
         "step_time_split": timer.summary() if kind == "opsdl" else {},
+        "host": host_speed(),
     }
 
 
