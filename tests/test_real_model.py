@@ -149,6 +149,7 @@ def test_quick_real_demo_on_the_real_model(real_model, tmp_path):
     [
         ("real_step_split", ["--steps", "2", "--batch-size", "2", "--length", "256", "--completion-length", "4"]),
         ("real_extractors", ["--num", "2", "--length", "256", "--max-new-tokens", "8"]),
+        ("real_advantage", ["--num", "2", "--samples", "2", "--length", "256", "--max-new-tokens", "4"]),
     ],
 )
 def test_real_benchmarks_run_at_their_smallest_setting(tmp_path, monkeypatch, script, args):
@@ -165,6 +166,11 @@ def test_real_benchmarks_run_at_their_smallest_setting(tmp_path, monkeypatch, sc
     if script == "real_step_split":
         assert written["ratio_opsdl_step_to_sft_step"] > 0 and set(written["opsdl"]) >= {"generation", "optimizer"}
         assert written["host"]["matmul_gflops_fp32"] > 0
+    elif script == "real_advantage":
+        assert len(written["samples"]) == 4 and sum(c["replies"] for c in written["by_class"].values()) == 4
+        # the advantage is the teacher's log-prob minus the student's, per reply
+        x = written["samples"][0]
+        assert abs(x["advantage"] - (x["teacher_logprob"] - x["student_logprob"])) < 1e-4
     else:
         assert "gold paragraph (reference)" in written["extractors"] and written["rows"] == 2
     assert result == written
@@ -194,3 +200,23 @@ def test_dpo_baseline_takes_the_step_batch_in_two_half_size_forwards(tmp_path):
         "sft_self", load_model(model_path), tokenizer, dataset, config, tmp_path / "sft", [], lambda *_: None
     )
     assert (sft.args.per_device_train_batch_size, sft.args.gradient_accumulation_steps) == (4, 1)
+
+
+def test_advantage_benchmark_reply_logprobs_match_one_reply_at_a_time(tmp_path, monkeypatch):
+    """Replies of unequal length, right-padded into one batch, get the log-probs each gets alone."""
+    import importlib
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    module = importlib.import_module("real_advantage")
+    model = AutoModelForCausalLM.from_pretrained(save_bpe_chat_model(tmp_path / "tiny")).eval()
+    prompt, replies = [5, 9, 11, 4], [[7, 8, 9], [12], [3, 3, 6, 2, 10]]
+    batched = module._reply_logprobs(model, prompt, replies, pad=0)
+    for reply, got in zip(replies, batched):
+        with torch.no_grad():
+            logprobs_TV = model(input_ids=torch.tensor([prompt + reply])).logits[0].log_softmax(-1)
+        want = [float(logprobs_TV[len(prompt) + j - 1, token]) for j, token in enumerate(reply)]
+        assert got == pytest.approx(want, abs=1e-5)
