@@ -23,21 +23,36 @@ import json
 
 
 def _reply_logprobs(model, prompt_ids_P, replies_KR, pad):
-    """Per-token log-probs of each reply after the prompt: replies right-padded to one length, so the prompt part
-    of every row is the same and needs no mask. Returns one list per reply."""
+    """Per-token log-probs of each reply after the prompt (teacher-forced): replies right-padded to one length, so
+    the prompt part of every row is the same and needs no mask. Returns one list per reply."""
     import torch
 
     width = max(len(r) for r in replies_KR)
     rows_KT = torch.tensor([prompt_ids_P + r + [pad] * (width - len(r)) for r in replies_KR])
     with torch.no_grad():
-        logprobs_KTV = model(input_ids=rows_KT).logits.float().log_softmax(-1)
-    start = len(prompt_ids_P)
-    out = []
-    for k, reply in enumerate(replies_KR):
-        # the logits at position t predict token t + 1: reply token j sits at start + j, predicted from start + j - 1
-        positions = torch.arange(start - 1, start - 1 + len(reply))
-        out.append(logprobs_KTV[k, positions, torch.tensor(reply)].tolist())
-    return out
+        # only the last width + 1 positions' logits: the one before the reply predicts its token 0, and so on, so
+        # index j of these predicts reply token j (the prompt's 49K-way logits are never computed)
+        logits_KWV = model(input_ids=rows_KT, logits_to_keep=width + 1).logits
+    logprobs_KWV = logits_KWV.float().log_softmax(-1)
+    return [logprobs_KWV[k, torch.arange(len(r)), torch.tensor(r)].tolist() for k, r in enumerate(replies_KR)]
+
+
+def _sample(model, prompt_ids_P, k, temperature, max_new_tokens, eos, pad):
+    """`k` replies sampled after the prompt, each cut after its end token, and the student's own per-token log-probs
+    of them at temperature 1, read from `generate`'s raw logits (no second forward over the long prompt)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt_ids_P] * k), attention_mask=torch.ones(k, len(prompt_ids_P),
+            dtype=torch.long), do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+            max_new_tokens=max_new_tokens, pad_token_id=pad, output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    generated_KN = out.sequences[:, len(prompt_ids_P) :].tolist()
+    logprobs_KNV = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # raw logits, before the temperature
+    replies = [r[: r.index(eos) + 1] if eos in r else r for r in generated_KN]  # up to and with the end token
+    student = [logprobs_KNV[j, torch.arange(len(r)), torch.tensor(r)].tolist() for j, r in enumerate(replies)]
+    return replies, student
 
 
 def main(argv=None):
@@ -81,14 +96,7 @@ def main(argv=None):
     samples = []
     for i, row in enumerate(rows):
         long_ids, short_ids = prompt_ids(tokenizer, row["prompt"]), prompt_ids(tokenizer, row["teacher_prompt"])
-        with torch.no_grad():
-            generated_KT = model.generate(
-                input_ids=torch.tensor([long_ids] * args.samples), attention_mask=torch.ones(args.samples,
-                len(long_ids), dtype=torch.long), do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
-                max_new_tokens=args.max_new_tokens, pad_token_id=pad,
-            )[:, len(long_ids):].tolist()  # fmt: skip
-        replies = [r[: r.index(eos) + 1] if eos in r else r for r in generated_KT]  # up to and with the end token
-        student = _reply_logprobs(model, long_ids, replies, pad)
+        replies, student = _sample(model, long_ids, args.samples, args.temperature, args.max_new_tokens, eos, pad)
         teacher = _reply_logprobs(model, short_ids, replies, pad)
         for reply, s, t in zip(replies, student, teacher):
             text = tokenizer.decode(reply, skip_special_tokens=True)

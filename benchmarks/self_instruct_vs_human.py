@@ -128,15 +128,8 @@ def main(argv=None):
 
     model_path, tokenizer, train_articles, held_out = real_demo.prepare(config)
     sets = real_demo.eval_sets(config, tokenizer, held_out)  # held-out articles' human questions
-    datasets, report = {}, {}
-    if "human" in sides:
-        datasets["human"] = real_demo.train_dataset(config, tokenizer, train_articles)
-    if "self_instruct" in sides:
-        datasets["self_instruct"], report = self_instruct_dataset(
-            config, tokenizer, model_path, train_articles, span_tokens, oversample, filters
-        )
     results = {}
-    if args.base_from:
+    if args.base_from:  # checked before the self-instruct step's minutes of generation
         base_run = json.loads(Path(args.base_from).read_text())
         results["base"] = {
             "scores": {k: v for k, v in base_run["scores"].items() if k in sets},
@@ -146,7 +139,14 @@ def main(argv=None):
         if missing:
             raise ValueError(f"--base-from {args.base_from!r} has no {missing[0]!r} scores; drop --base-from.")
         print(f"base model: scores from {args.base_from}")
-    else:
+    datasets, report = {}, {}
+    if "human" in sides:
+        datasets["human"] = real_demo.train_dataset(config, tokenizer, train_articles)
+    if "self_instruct" in sides:
+        datasets["self_instruct"], report = self_instruct_dataset(
+            config, tokenizer, model_path, train_articles, span_tokens, oversample, filters
+        )
+    if "base" not in results:
         print("base model:")
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         results["base"] = {"scores": real_demo.measure(base, tokenizer, sets, config.eval_max_new_tokens,

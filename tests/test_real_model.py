@@ -220,3 +220,8 @@ def test_advantage_benchmark_reply_logprobs_match_one_reply_at_a_time(tmp_path, 
             logprobs_TV = model(input_ids=torch.tensor([prompt + reply])).logits[0].log_softmax(-1)
         want = [float(logprobs_TV[len(prompt) + j - 1, token]) for j, token in enumerate(reply)]
         assert got == pytest.approx(want, abs=1e-5)
+    # the student's log-probs read from generate's raw logits are the teacher-forced ones of the same replies
+    torch.manual_seed(0)
+    sampled, student = module._sample(model, prompt, 3, temperature=0.7, max_new_tokens=5, eos=2, pad=0)
+    for from_generate, forced in zip(student, module._reply_logprobs(model, prompt, sampled, pad=0), strict=True):
+        assert from_generate == pytest.approx(forced, abs=1e-4)

@@ -28,3 +28,19 @@ def test_bad_arguments_fail_before_any_work(argv, message, tmp_path, capsys, mon
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_base_file_without_every_setting_is_refused_before_the_self_instruct_step(tmp_path, monkeypatch):
+    from tests.real_fixtures import save_bpe_chat_model, write_squad
+
+    model = save_bpe_chat_model(tmp_path / "tiny")
+    squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
+    base = tmp_path / "base.json"
+    base.write_text('{"scores": {"short": {"contains": 10.0}}}')  # no long_* settings
+    monkeypatch.setattr(
+        self_instruct_vs_human, "self_instruct_dataset", lambda *a, **k: pytest.fail("generated before the check")
+    )
+    argv = ["--quick", "--model", model, "--squad", squad, "--sides", "self_instruct", "--base-from", str(base),
+            "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(ValueError, match=r"--base-from .* has no 'long_256' scores; drop --base-from"):
+        self_instruct_vs_human.main(argv)
