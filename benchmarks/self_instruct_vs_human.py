@@ -12,7 +12,8 @@ and each is scored, with the base model, on the human questions of the held-out 
 inside 512 / 1,024 tokens of its article), by "the gold answer is contained in the reply". Writes `results.json` and
 `table.md` into `--output-dir`.
 
-To run (about an hour on 2 CPU cores: 40 steps × 2 trainings, 300 + 2 × 100 evaluation questions × 3 models):
+To run (40 steps × 2 trainings, 300 + 2 × 100 evaluation questions × 3 models; the self-instructed side alone took
+2 h 04 min on a 2-core host of 97 GFLOP/s, docs/data.md):
 
     python benchmarks/self_instruct_vs_human.py --output-dir si-vs-human
 
