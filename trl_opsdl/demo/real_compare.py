@@ -31,6 +31,8 @@ REAL_COMPARE_METHODS = {
     "sft_gold": {"trainer": "sft_gold"},  # labels: a reference OPSDL does not have
     "sft_self": {"trainer": "sft_self"},  # label-free, off-policy: the model's own answer to the short prompt
     "dpo_longpo": {"trainer": "dpo"},  # LongPO-style: chosen = short-prompt answer, rejected = long-prompt answer
+    # At the shared lr 1e-3 DPO collapses into degenerate replies (docs/real_demo.md), as on the toy task.
+    "dpo_longpo_lr_1e-4": {"trainer": "dpo", "learning_rate": 1e-4},
 }
 
 
