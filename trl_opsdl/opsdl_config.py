@@ -278,8 +278,8 @@ class OPSDLConfig(DistillationConfig):
             warnings.warn(
                 "teacher_model_kind='live' scores the short prompt with the weights being trained: student and "
                 "teacher drift together, the KL stays low while accuracy can collapse (in our key-value test with "
-                "full fine-tuning it fell to 0% by ~100 steps, the model no longer emitting its end token; with LoRA "
-                "it held, a few points below 'base'). Prefer 'base' or 'ema'.",
+                "full fine-tuning it fell to 0% by ~100 steps, the model no longer emitting its end token; on "
+                "SmolLM2-135M with LoRA at lr 1e-3 it fell to 0% in 40 steps). Prefer 'base' or 'ema'.",
                 UserWarning,
                 stacklevel=2,
             )
