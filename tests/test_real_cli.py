@@ -62,6 +62,7 @@ def test_build_data_squad_writes_pairs_of_the_requested_split(tiny, tmp_path, ca
         (["convert-gguf", "model.bin"], "Expected the path of a .gguf file"),
         (["convert-gguf", "missing.gguf"], "does not exist"),
         (["demo", "--real", "--max-steps", "0"], "max_steps=0 must be at least 1"),
+        (["demo", "--real", "--eval-steps", "-1"], "eval_steps=-1 must be 0 \\(no curve\\) or a positive number"),
         (["demo", "--real", "--eval-lengths", "32"], r"eval_lengths=\(32,\) must list target lengths of at least 64"),
         (["demo", "--real", "--squad", "missing.json"], "--squad 'missing.json' is not a file"),
         (["demo", "--real", "--long-pairs", "16"], "--long-pairs is an option of the toy demo, not of --real"),

@@ -117,7 +117,7 @@ def _quick(tmp_path, model):
     from trl_opsdl.demo.real import quick_config, run_real_demo
 
     squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
-    config = quick_config(RealDemoConfig(output_dir=str(tmp_path / "out"), model=model, squad=squad))
+    config = quick_config(RealDemoConfig(output_dir=str(tmp_path / "out"), model=model, squad=squad, eval_steps=1))
     results = run_real_demo(config, log=lambda line: None)
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written["before"].keys() == written["after"].keys() == {"short", "long_256", "long_384"}
@@ -130,6 +130,13 @@ def _quick(tmp_path, model):
         "optimizer",
     }
     assert (tmp_path / "out" / "accuracy_vs_context.png").stat().st_size > 1000
+    # --eval-steps 1: a curve point after each of the 2 steps, on the longest setting's questions, long and short
+    assert [p["step"] for p in written["curve"]] == [1, 2] and set(written["curve"][0]) == {
+        "step",
+        "long_384",
+        "short",
+    }
+    assert all(0 <= p[k] <= 100 for p in written["curve"] for k in ("long_384", "short"))
     # the host its seconds were measured on: the same machine kind has run this 3.5x slower on another host
     assert written["host"]["matmul_gflops_fp32"] > 0 and written["host"]["torch_threads"] >= 1
     return results
@@ -174,6 +181,29 @@ def test_real_benchmarks_run_at_their_smallest_setting(tmp_path, monkeypatch, sc
     else:
         assert "gold paragraph (reference)" in written["extractors"] and written["rows"] == 2
     assert result == written
+
+
+def test_real_compare_gives_a_method_with_more_steps_its_own_prompts_and_records_curves(tmp_path):
+    """A method that changes the step budget trains on that many fresh prompts (not the shared 40-step set cycled);
+    --eval-steps draws a curve for OPSDL and for TRL's trainers alike."""
+    from dataclasses import replace
+
+    from trl_opsdl.demo.config import RealDemoConfig
+    from trl_opsdl.demo.real import quick_config
+    from trl_opsdl.demo.real_compare import run_real_compare
+
+    model = save_bpe_chat_model(tmp_path / "tiny")
+    squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
+    config = RealDemoConfig(model=model, squad=squad, output_dir=str(tmp_path / "cmp"))
+    config = replace(quick_config(config), eval_steps=1)
+    methods = {"opsdl": {}, "opsdl_steps_3": {"max_steps": 3}, "sft_self": {"trainer": "sft_self"}}
+    run_real_compare(config, methods, seeds=(0,), log=lambda *_: None)
+    runs = {m: json.loads((tmp_path / "cmp" / "runs" / f"{m}-seed0.json").read_text()) for m in methods}
+    assert [runs[m]["train_prompts"] for m in methods] == [4, 6, 4]  # steps x batch 2
+    assert [[p["step"] for p in runs[m]["curve"]] for m in methods] == [[1, 2], [1, 2, 3], [1, 2]]
+    assert all(0 < runs[m]["curve_seconds"] <= runs[m]["train_seconds"] for m in methods)
+    summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())["summary"]
+    assert set(summary) == {"base", *methods}
 
 
 def test_dpo_baseline_takes_the_step_batch_in_two_half_size_forwards(tmp_path):

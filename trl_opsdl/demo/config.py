@@ -63,6 +63,9 @@ class RealDemoConfig:
     teacher_model_kind: str = "base"
     short_prompt_ratio: float = 0.0
     lora_r: int = 16
+    # > 0: every `eval_steps` training steps, "contained" on the longest eval length's questions, long and with their
+    # gold paragraph (`curve` in results.json / the run file); each point costs an evaluation of 2 x `eval_long` rows.
+    eval_steps: int = 0
     system_prompt: str | None = None  # None: the chat template's default system prompt
     num_threads: int = 2
     logging_steps: int = 1

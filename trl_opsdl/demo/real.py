@@ -55,6 +55,8 @@ def check_real_config(config: RealDemoConfig) -> None:
     ):
         if getattr(config, name) < 1:
             raise ValueError(f"{name}={getattr(config, name)} must be at least 1.")
+    if config.eval_steps < 0:
+        raise ValueError(f"eval_steps={config.eval_steps} must be 0 (no curve) or a positive number of steps.")
     for name in ("eval_lengths", "train_lengths"):
         if not getattr(config, name) or min(getattr(config, name)) < 64:
             raise ValueError(f"{name}={getattr(config, name)} must list target lengths of at least 64 tokens.")
@@ -131,6 +133,45 @@ def measure(model, tokenizer, sets: dict, max_new_tokens: int, batch_size: int, 
             f"em {entry['em']:.1f}  (n={len(rows)}, {time.time() - start:.0f}s)"
         )
     return results
+
+
+def curve_callback(config: RealDemoConfig, sets: dict, tokenizer, log=print):
+    """With `config.eval_steps`: an `OPSDLEvalCallback` that scores "contained" every `eval_steps` steps on the
+    longest eval length's questions, long and with their gold paragraph (the adapter on, before merging); it logs
+    each point and adds up its own seconds (`seconds`), which the training time then includes."""
+    from ..evaluation import OPSDLEvalCallback
+
+    if not config.eval_steps:
+        return None
+    longest = f"long_{max(config.eval_lengths)}"
+
+    class Curve(OPSDLEvalCallback):
+        seconds = 0.0
+
+        def _evaluate(self, args, state, control, model):
+            start = time.time()
+            super()._evaluate(args, state, control, model)
+            self.seconds += time.time() - start
+            point = curve_points(self, longest)[-1]
+            log(f"  step {point['step']} curve: {longest} {point[longest]:.1f}  short {point['short']:.1f}  "
+                f"({time.time() - start:.0f}s)")  # fmt: skip
+
+    options = dict(metric="contains", max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size)
+    return Curve(sets[longest], tokenizer, config.eval_steps, **options)
+
+
+def curve_points(callback, longest: str) -> list[dict]:
+    """The callback's history as `[{"step", <longest>, "short"}]`, "contained" in percent."""
+    if callback is None:
+        return []
+    return [
+        {
+            "step": step,
+            longest: round(results["columns"]["prompt"]["overall"], 2),
+            "short": round(results["columns"]["teacher_prompt"]["overall"], 2),
+        }
+        for step, results in callback.history
+    ]
 
 
 # --- the run -----------------------------------------------------------------------------------------------------------
@@ -257,10 +298,10 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
     before = measure(model, tokenizer, sets, config.eval_max_new_tokens, config.eval_batch_size, log)
 
     timer = StepTimer()
+    curve = curve_callback(config, sets, tokenizer, log)
     with tempfile.TemporaryDirectory() as trainer_dir:
-        trainer = opsdl_trainer(
-            model, tokenizer, dataset, config, trainer_dir, [timer.callback(log, config.max_steps)]
-        )
+        callbacks = [timer.callback(log, config.max_steps)] + ([curve] if curve else [])
+        trainer = opsdl_trainer(model, tokenizer, dataset, config, trainer_dir, callbacks)
         trainer.remove_callback(PrinterCallback)
         timer.attach(trainer)
         train_start = time.time()
@@ -274,6 +315,8 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
         "before": before,
         "after": after,
         "step_time_split": timer.summary(),
+        "curve": curve_points(curve, f"long_{max(config.eval_lengths)}"),
+        "curve_seconds": round(curve.seconds, 1) if curve else 0.0,  # inside train_seconds
         "train_seconds": round(train_seconds, 1),
         "settings": _settings(config, model_path),
         "runtime_seconds": round(time.time() - start, 1),

@@ -12,7 +12,18 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .config import RealDemoConfig
-from .real import check_real_config, eval_sets, load_model, lora_config, measure, opsdl_trainer, prepare, train_dataset
+from .real import (
+    check_real_config,
+    curve_callback,
+    curve_points,
+    eval_sets,
+    load_model,
+    lora_config,
+    measure,
+    opsdl_trainer,
+    prepare,
+    train_dataset,
+)
 
 
 # --- the comparison: TRL's SFT and DPO against OPSDL's loss modes and teacher kinds, same prompts and budget --------
@@ -33,7 +44,14 @@ REAL_COMPARE_METHODS = {
     "dpo_longpo": {"trainer": "dpo"},  # LongPO-style: chosen = short-prompt answer, rejected = long-prompt answer
     # At the shared lr 1e-3 DPO collapses into degenerate replies (docs/real_demo.md), as on the toy task.
     "dpo_longpo_lr_1e-4": {"trainer": "dpo", "learning_rate": 1e-4},
+    # Not the shared budget: three times the steps and prompts (480) at a third of the step size, `topk_logits` —
+    # whether more on-policy data moves the 1,024-token figure that 40 steps did not (run with --eval-steps for a curve).
+    "opsdl_topk_lr_3e-4_steps_120": {"distillation_mode": "topk_logits", "learning_rate": 3e-4, "max_steps": 120},
 }
+
+
+# The fields `train_dataset` reads: a method that changes one trains on prompts of its own (e.g. more steps, more prompts).
+DATA_FIELDS = ("max_steps", "batch_size", "train_lengths")
 
 
 def short_check_set(config: RealDemoConfig, tokenizer, num: int = 100) -> list[dict]:
@@ -120,14 +138,17 @@ def run_real_method(name, spec, config: RealDemoConfig, sets, model_path, tokeni
     config = replace(config, **spec)
     model = load_model(model_path)
     timer = StepTimer()
+    curve = curve_callback(config, sets, tokenizer, log)
     start = time.time()
     with tempfile.TemporaryDirectory() as trainer_dir:
-        callbacks = [timer.callback(log, config.max_steps)]
+        callbacks = [timer.callback(log, config.max_steps)] + ([curve] if curve else [])
         if kind == "opsdl":
             trainer = opsdl_trainer(model, tokenizer, dataset, config, trainer_dir, callbacks)
             timer.attach(trainer)
         else:
             trainer = _baseline_trainer(kind, model, tokenizer, dataset, config, trainer_dir, callbacks, log)
+            if curve:
+                curve.set_trainer(trainer)  # OPSDLTrainer does this itself
         trainer.remove_callback(PrinterCallback)
         trainer.train()
     seconds = time.time() - start
@@ -139,6 +160,9 @@ def run_real_method(name, spec, config: RealDemoConfig, sets, model_path, tokeni
         "seed": config.seed,
         "scores": scores,
         "train_seconds": round(seconds, 1),
+        "train_prompts": len(dataset),
+        "curve": curve_points(curve, f"long_{max(config.eval_lengths)}"),
+        "curve_seconds": round(curve.seconds, 1) if curve else 0.0,  # inside train_seconds
         "step_time_split": timer.summary() if kind == "opsdl" else {},
         "host": host_speed(),
     }
@@ -190,10 +214,14 @@ def run_real_compare(
         base_file.write_text(json.dumps(base, indent=2) + "\n")
     for seed in seeds:
         seeded = replace(config, seed=seed)
-        dataset = train_dataset(seeded, tokenizer, train_articles)
+        datasets = {}  # one set of training prompts per (steps, batch, lengths): shared by the methods that agree
         for name, spec in methods.items():
             log(f"--- {name}, seed {seed}")
-            run = run_real_method(name, spec, seeded, sets, model_path, tokenizer, dataset, log)
+            own = replace(seeded, **{k: v for k, v in spec.items() if k in DATA_FIELDS})
+            key = tuple(getattr(own, k) for k in DATA_FIELDS)
+            if key not in datasets:
+                datasets[key] = train_dataset(own, tokenizer, train_articles)
+            run = run_real_method(name, spec, seeded, sets, model_path, tokenizer, datasets[key], log)
             (output_dir / "runs" / f"{name}-seed{seed}.json").write_text(json.dumps(run, indent=2) + "\n")
             results = write_real_compare(output_dir, config)
     results = write_real_compare(output_dir, config)
