@@ -148,9 +148,11 @@ def curve_callback(config: RealDemoConfig, sets: dict, tokenizer, log=print):
     class Curve(OPSDLEvalCallback):
         seconds = 0.0
 
-        def _evaluate(self, args, state, control, model):
-            start = time.time()
-            super()._evaluate(args, state, control, model)
+        def on_step_end(self, args, state, control, **kwargs):
+            start, points = time.time(), len(self.history)
+            super().on_step_end(args, state, control, **kwargs)
+            if len(self.history) == points:  # not a step of the curve
+                return
             self.seconds += time.time() - start
             point = curve_points(self, longest)[-1]
             log(f"  step {point['step']} curve: {longest} {point[longest]:.1f}  short {point['short']:.1f}  "
