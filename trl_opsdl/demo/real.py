@@ -143,9 +143,9 @@ def curve_callback(config: RealDemoConfig, sets: dict, tokenizer, log=print):
 
     if not config.eval_steps:
         return None
-    longest = f"long_{max(config.eval_lengths)}"
 
     class Curve(OPSDLEvalCallback):
+        longest = f"long_{max(config.eval_lengths)}"
         seconds = 0.0
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -154,26 +154,28 @@ def curve_callback(config: RealDemoConfig, sets: dict, tokenizer, log=print):
             if len(self.history) == points:  # not a step of the curve
                 return
             self.seconds += time.time() - start
-            point = curve_points(self, longest)[-1]
-            log(f"  step {point['step']} curve: {longest} {point[longest]:.1f}  short {point['short']:.1f}  "
+            point = curve_record(self)["curve"][-1]
+            log(f"  step {point['step']} curve: {self.longest} {point[self.longest]:.1f}  short {point['short']:.1f}  "
                 f"({time.time() - start:.0f}s)")  # fmt: skip
 
     options = dict(metric="contains", max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size)
-    return Curve(sets[longest], tokenizer, config.eval_steps, **options)
+    return Curve(sets[Curve.longest], tokenizer, config.eval_steps, **options)
 
 
-def curve_points(callback, longest: str) -> list[dict]:
-    """The callback's history as `[{"step", <longest>, "short"}]`, "contained" in percent."""
+def curve_record(callback) -> dict:
+    """`curve` (`[{"step", "long_<n>", "short"}]`, "contained" in percent) and `curve_seconds` (inside the training
+    time) for results.json / a run file; empty without a curve."""
     if callback is None:
-        return []
-    return [
+        return {"curve": [], "curve_seconds": 0.0}
+    points = [
         {
             "step": step,
-            longest: round(results["columns"]["prompt"]["overall"], 2),
+            callback.longest: round(results["columns"]["prompt"]["overall"], 2),
             "short": round(results["columns"]["teacher_prompt"]["overall"], 2),
         }
         for step, results in callback.history
     ]
+    return {"curve": points, "curve_seconds": round(callback.seconds, 1)}
 
 
 # --- the run -----------------------------------------------------------------------------------------------------------
@@ -317,8 +319,7 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
         "before": before,
         "after": after,
         "step_time_split": timer.summary(),
-        "curve": curve_points(curve, f"long_{max(config.eval_lengths)}"),
-        "curve_seconds": round(curve.seconds, 1) if curve else 0.0,  # inside train_seconds
+        **curve_record(curve),
         "train_seconds": round(train_seconds, 1),
         "settings": _settings(config, model_path),
         "runtime_seconds": round(time.time() - start, 1),

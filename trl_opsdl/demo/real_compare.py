@@ -15,7 +15,7 @@ from .config import RealDemoConfig
 from .real import (
     check_real_config,
     curve_callback,
-    curve_points,
+    curve_record,
     eval_sets,
     load_model,
     lora_config,
@@ -161,8 +161,7 @@ def run_real_method(name, spec, config: RealDemoConfig, sets, model_path, tokeni
         "scores": scores,
         "train_seconds": round(seconds, 1),
         "train_prompts": len(dataset),
-        "curve": curve_points(curve, f"long_{max(config.eval_lengths)}"),
-        "curve_seconds": round(curve.seconds, 1) if curve else 0.0,  # inside train_seconds
+        **curve_record(curve),
         "step_time_split": timer.summary() if kind == "opsdl" else {},
         "host": host_speed(),
     }
