@@ -64,10 +64,15 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.7, help="demo --real's sampling temperature.")
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument(
+        "--eval-tokens", type=int, default=24,
+        help="Also score each reply's first N tokens: what demo --real's evaluation (24 greedy tokens) would see.",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="real_advantage.json")
     args = parser.parse_args(argv)
-    for flag, value in (("--num", args.num), ("--samples", args.samples), ("--max-new-tokens", args.max_new_tokens)):
+    for flag, value in (("--num", args.num), ("--samples", args.samples), ("--max-new-tokens", args.max_new_tokens),
+                        ("--eval-tokens", args.eval_tokens)):  # fmt: skip
         if value < 1:
             parser.error(f"{flag} {value} must be at least 1.")
     if args.temperature <= 0:
@@ -100,8 +105,10 @@ def main(argv=None):
         teacher = _reply_logprobs(model, short_ids, replies, pad)
         for reply, s, t in zip(replies, student, teacher):
             text = tokenizer.decode(reply, skip_special_tokens=True)
+            head = tokenizer.decode(reply[: args.eval_tokens], skip_special_tokens=True)
             samples.append({
                 "prompt": i, "contained": contains_answer(text, row["answers"]) > 0, "tokens": len(reply),
+                "ended": reply[-1] == eos, "contained_in_eval_tokens": contains_answer(head, row["answers"]) > 0,
                 "advantage": sum(a - b for a, b in zip(t, s)) / len(reply),
                 "teacher_logprob": sum(t) / len(reply), "student_logprob": sum(s) / len(reply),
             })  # fmt: skip
@@ -128,6 +135,11 @@ def main(argv=None):
     report = {
         "prompts": len(rows), "samples_per_prompt": args.samples, "length": args.length,
         "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "by_class": by_class,
+        # how many replies end before the limit, and how many contain the answer within the first --eval-tokens
+        # tokens (what a 24-token evaluation would count) against anywhere in the reply
+        "replies": {"ended": sum(x["ended"] for x in samples), "contained": sum(x["contained"] for x in samples),
+                    "contained_in_eval_tokens": sum(x["contained_in_eval_tokens"] for x in samples),
+                    "eval_tokens": args.eval_tokens, "mean_tokens": mean([x["tokens"] for x in samples])},
         "within_prompt": {"pairs": pairs, "contained_has_higher_advantage": round(wins / pairs, 3) if pairs else None,
                           "prompts_with_both": sum(len({x["contained"] for x in samples if x["prompt"] == i}) == 2
                                                    for i in range(len(rows)))},

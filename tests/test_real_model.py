@@ -156,7 +156,10 @@ def test_quick_real_demo_on_the_real_model(real_model, tmp_path):
     [
         ("real_step_split", ["--steps", "2", "--batch-size", "2", "--length", "256", "--completion-length", "4"]),
         ("real_extractors", ["--num", "2", "--length", "256", "--max-new-tokens", "8"]),
-        ("real_advantage", ["--num", "2", "--samples", "2", "--length", "256", "--max-new-tokens", "4"]),
+        (
+            "real_advantage",
+            ["--num", "2", "--samples", "2", "--length", "256", "--max-new-tokens", "4", "--eval-tokens", "2"],
+        ),
     ],
 )
 def test_real_benchmarks_run_at_their_smallest_setting(tmp_path, monkeypatch, script, args):
@@ -178,6 +181,12 @@ def test_real_benchmarks_run_at_their_smallest_setting(tmp_path, monkeypatch, sc
         # the advantage is the teacher's log-prob minus the student's, per reply
         x = written["samples"][0]
         assert abs(x["advantage"] - (x["teacher_logprob"] - x["student_logprob"])) < 1e-4
+        # the reply counts add up from the samples; a reply no longer than --eval-tokens is scored the same both ways
+        replies, samples = written["replies"], written["samples"]
+        assert replies["contained_in_eval_tokens"] == sum(x["contained_in_eval_tokens"] for x in samples)
+        assert replies["ended"] == sum(x["ended"] for x in samples) and replies["eval_tokens"] == 2
+        assert all(x["contained"] == x["contained_in_eval_tokens"] for x in samples if x["tokens"] <= 2)
+        assert all(x["tokens"] == 4 for x in samples if not x["ended"])  # a reply that did not end ran to the limit
     else:
         assert "gold paragraph (reference)" in written["extractors"] and written["rows"] == 2
     assert result == written
@@ -230,6 +239,18 @@ def test_dpo_baseline_takes_the_step_batch_in_two_half_size_forwards(tmp_path):
         "sft_self", load_model(model_path), tokenizer, dataset, config, tmp_path / "sft", [], lambda *_: None
     )
     assert (sft.args.per_device_train_batch_size, sft.args.gradient_accumulation_steps) == (4, 1)
+
+
+@pytest.mark.parametrize("flag", ["--num", "--samples", "--max-new-tokens", "--eval-tokens"])
+def test_advantage_benchmark_refuses_a_count_below_one_before_loading_anything(tmp_path, monkeypatch, capsys, flag):
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    module = importlib.import_module("real_advantage")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--model", str(tmp_path / "no-such-model"), flag, "0"])
+    assert exit_info.value.code == 2 and f"{flag} 0 must be at least 1" in capsys.readouterr().err
 
 
 def test_advantage_benchmark_reply_logprobs_match_one_reply_at_a_time(tmp_path, monkeypatch):

@@ -47,6 +47,10 @@ REAL_COMPARE_METHODS = {
     # Not the shared budget: three times the steps and prompts (480) at a third of the step size, `topk_logits` —
     # whether more on-policy data moves the 1,024-token figure that 40 steps did not (run with --eval-steps for a curve).
     "opsdl_topk_lr_3e-4_steps_120": {"distillation_mode": "topk_logits", "learning_rate": 3e-4, "max_steps": 120},
+    # Completions long enough to end: at 24 tokens most sampled replies stop mid-sentence, before or around the
+    # answer, so the loss mostly reshapes wording (docs/real_demo.md, "Does OPSDL's signal point at right answers?").
+    # Same prompts and steps; each step samples and scores 64 tokens (evaluation still reads 24 greedy tokens).
+    "opsdl_topk_completion_64": {"distillation_mode": "topk_logits", "max_completion_length": 64},
 }
 
 
