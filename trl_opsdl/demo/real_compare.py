@@ -51,6 +51,9 @@ REAL_COMPARE_METHODS = {
     # answer, so the loss mostly reshapes wording (docs/real_demo.md, "Does OPSDL's signal point at right answers?").
     # Same prompts and steps; each step samples and scores 64 tokens (evaluation still reads 24 greedy tokens).
     "opsdl_topk_completion_64": {"distillation_mode": "topk_logits", "max_completion_length": 64},
+    # Every prompt at 1,024 tokens, the length where the target is missed (the shared set alternates 512 and 1,024;
+    # the 120-step run moved 512 and not 1,024). Same steps and batch; its own 160 prompts (`train_lengths` differs).
+    "opsdl_topk_train_1024": {"distillation_mode": "topk_logits", "train_lengths": (1024,)},
 }
 
 
