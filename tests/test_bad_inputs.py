@@ -187,6 +187,7 @@ def test_sampled_token_and_topk_need_beta_one(tmp_path):
         ("max_prompt_length", 0, "max_prompt_length=0"),
         ("short_prompt_ratio", 2.0, "short_prompt_ratio=2.0"),
         ("sampled_token_clip", -1.0, "sampled_token_clip=-1.0"),
+        ("sampled_token_baseline", "batch", "sampled_token_baseline='batch'"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, field, value, match):

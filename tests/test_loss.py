@@ -21,9 +21,10 @@ def completion_logits(model, prompt_ids, completion_ids):
     return logits[len(prompt_ids) - 1 : -1]
 
 
-def naive_loss(student, teacher, batch, mode, beta=1.0, k=20, clip=None):
+def naive_loss(student, teacher, batch, mode, beta=1.0, k=20, clip=None, baseline="none"):
     """Full student logits on prompt+completion, full teacher logits on teacher_prompt+completion, per row."""
     total, n_tokens = 0.0, 0
+    sampled = []  # sampled_token: (student log-prob, advantage) per row; the baseline needs every row's advantages
     for b in range(batch["prompt_ids"].size(0)):
         prompt = batch["prompt_ids"][b][batch["prompt_mask"][b].bool()].tolist()
         teacher_prompt = batch["teacher_prompt_ids"][b][batch["teacher_prompt_mask"][b].bool()].tolist()
@@ -45,10 +46,8 @@ def naive_loss(student, teacher, batch, mode, beta=1.0, k=20, clip=None):
         elif mode == "sampled_token":
             s_tok = s_logp.gather(-1, tokens[:, None])[:, 0]
             t_tok = t_logp.gather(-1, tokens[:, None])[:, 0]
-            advantage = (t_tok - s_tok).detach()
-            if clip is not None:
-                advantage = advantage.clamp(-clip, clip)
-            per_token = -advantage * s_tok
+            sampled.append((s_tok, (t_tok - s_tok).detach()))
+            per_token = torch.zeros(())
         else:  # topk_logits: student's top-k tokens plus one bucket for the rest
             idx = s_logp.detach().topk(k, -1).indices
             s_k, t_k = s_logp.gather(-1, idx), t_logp.gather(-1, idx)
@@ -57,6 +56,14 @@ def naive_loss(student, teacher, batch, mode, beta=1.0, k=20, clip=None):
             per_token = (s_b.exp() * (s_b - t_b)).sum(-1)
         total = total + per_token.sum()
         n_tokens += int(mask.sum())
+    if sampled:
+        s_tok = torch.cat([s for s, _ in sampled])
+        advantage = torch.cat([a for _, a in sampled])
+        if baseline == "mean":
+            advantage = advantage - advantage.mean()
+        if clip is not None:
+            advantage = advantage.clamp(-clip, clip)
+        total = total + (-advantage * s_tok).sum()
     return total / n_tokens
 
 
@@ -67,6 +74,8 @@ def naive_loss(student, teacher, batch, mode, beta=1.0, k=20, clip=None):
         ("full_logits", {"beta": 0.5}),
         ("sampled_token", {}),
         ("sampled_token", {"sampled_token_clip": 0.01}),
+        ("sampled_token", {"sampled_token_baseline": "mean"}),
+        ("sampled_token", {"sampled_token_baseline": "mean", "sampled_token_clip": 0.05}),
         ("topk_logits", {"loss_top_k": 5, "loss_chunk_size": 3}),
     ],
 )
@@ -97,6 +106,7 @@ def test_loss_matches_naive_reference(tmp_path, mode, extra):
         beta=extra.get("beta", 1.0),
         k=extra.get("loss_top_k", 20),
         clip=extra.get("sampled_token_clip"),
+        baseline=extra.get("sampled_token_baseline", "none"),
     )
     ref.backward()
 

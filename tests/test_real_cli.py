@@ -110,3 +110,28 @@ def test_real_compare_refuses_to_redo_a_finished_method_seed_run(tiny, tmp_path,
     assert (runs / "opsdl-seed0.json").read_text() == '{"method": "opsdl"}' and sorted(
         p.name for p in runs.iterdir()
     ) == ["opsdl-seed0.json"]
+
+
+def test_every_real_compare_method_is_a_valid_trainer_setting():
+    """Each `--compare` method names a known trainer and only `RealDemoConfig` fields, and the OPSDL settings it
+    builds carry its values: a typo in a method would otherwise surface after minutes of preparation."""
+    import dataclasses
+    import tempfile
+
+    from trl_opsdl.demo.real import RealDemoConfig, _opsdl_kwargs, check_real_config
+    from trl_opsdl.demo.real_compare import REAL_COMPARE_METHODS
+    from trl_opsdl.opsdl_config import OPSDLConfig
+
+    assert {"opsdl_sampled_token_lr_3e-4", "opsdl_sampled_token_baseline"} <= set(REAL_COMPARE_METHODS)
+    for name, spec in REAL_COMPARE_METHODS.items():
+        spec = dict(spec)
+        assert spec.pop("trainer", "opsdl") in ("opsdl", "sft_gold", "sft_self", "dpo"), name
+        config = dataclasses.replace(RealDemoConfig(), **spec)
+        check_real_config(config)
+        with tempfile.TemporaryDirectory() as scratch:
+            args = OPSDLConfig(**_opsdl_kwargs(config, scratch))
+        for field in ("distillation_mode", "learning_rate", "max_completion_length", "teacher_model_kind"):
+            if field in spec:
+                assert getattr(args, field) == spec[field], (name, field)
+        for field, value in spec.get("extra", {}).items():
+            assert getattr(args, field) == value, (name, field)

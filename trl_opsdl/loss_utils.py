@@ -268,7 +268,10 @@ def sampled_token_logprobs(
 
 
 def sampled_token_surrogate(
-    student_logprobs_N: torch.Tensor, teacher_logprobs_N: torch.Tensor, clip: float | None = None
+    student_logprobs_N: torch.Tensor,
+    teacher_logprobs_N: torch.Tensor,
+    clip: float | None = None,
+    baseline: str = "none",
 ) -> torch.Tensor:
     """Policy-gradient surrogate whose gradient estimates the gradient of the reverse KL, per token.
 
@@ -276,8 +279,15 @@ def sampled_token_surrogate(
     and E_y[k * grad log p_s(y)] = grad KL (the score-function term; E[grad log p_s] = 0 removes the rest). The advantage
     A = -k is a constant (stop-gradient), optionally clipped to [-clip, clip], and the surrogate is -A * log p_s(y).
     Its value is not the KL: log the KL separately.
+
+    `baseline="mean"` subtracts the mean of A over the N tokens first. Any constant b keeps the expected gradient
+    (E[b * grad log p_s] = 0), but on a finite batch a mean A < 0 (the teacher finds the student's own samples less
+    likely than the student does) lowers the log-prob of every sampled token; centred, only tokens the teacher likes
+    less than the batch's average are pushed down. (The mean includes the token itself: a bias of order 1/N.)
     """
     advantage_N = (teacher_logprobs_N - student_logprobs_N).detach()
+    if baseline == "mean":
+        advantage_N = advantage_N - advantage_N.mean()
     if clip is not None:
         advantage_N = advantage_N.clamp(-clip, clip)
     return -advantage_N * student_logprobs_N

@@ -55,6 +55,11 @@ class OPSDLConfig(DistillationConfig):
             Number of student top tokens kept by `"topk_logits"`.
         sampled_token_clip (`float`, *optional*):
             With `"sampled_token"`, clip the per-token advantage to `[-clip, clip]`. `None` disables clipping.
+        sampled_token_baseline (`str`, *optional*, defaults to `"none"`):
+            With `"sampled_token"`, a baseline subtracted from the per-token advantage before clipping: `"mean"` (the
+            mean advantage over the micro-batch's loss tokens) or `"none"`. A constant baseline leaves the surrogate's
+            expected gradient unchanged (`E[grad log p] = 0`) and removes the push-down of every sampled token that a
+            negative mean advantage gives a finite batch.
         loss_chunk_size (`int`, *optional*):
             Completion positions projected to the vocabulary at once by the plain-torch loss path (`"topk_logits"`,
             and `"full_logits"` off Triton devices). `None`: about 8 MiB of fp32 logits per chunk.
@@ -141,6 +146,14 @@ class OPSDLConfig(DistillationConfig):
     sampled_token_clip: float | None = field(
         default=None,
         metadata={"help": "Clip the per-token advantage of 'sampled_token' to [-clip, clip]. None: no clipping."},
+    )
+    sampled_token_baseline: str = field(
+        default="none",
+        metadata={
+            "help": "Baseline subtracted from 'sampled_token' advantages: 'mean' (over the micro-batch's loss tokens) "
+            "or 'none'.",
+            "choices": ["none", "mean"],
+        },
     )
     loss_chunk_size: int | None = field(
         default=None,
@@ -255,6 +268,10 @@ class OPSDLConfig(DistillationConfig):
         if self.sampled_token_clip is not None and self.sampled_token_clip <= 0:
             raise ValueError(
                 f"sampled_token_clip={self.sampled_token_clip} must be positive, or None to disable clipping."
+            )
+        if self.sampled_token_baseline not in ("none", "mean"):
+            raise ValueError(
+                f"sampled_token_baseline={self.sampled_token_baseline!r} is not a baseline; use 'mean' or 'none'."
             )
         for name in ("max_prompt_length", "max_teacher_prompt_length"):
             value = getattr(self, name)

@@ -499,7 +499,7 @@ class OPSDLTrainer(DistillationTrainer):
                     teacher_hidden_NH, teacher_head, tokens_N, temperature
                 )
             per_token_N = loss_utils.sampled_token_surrogate(
-                student_logp_N, teacher_logp_N, self.args.sampled_token_clip
+                student_logp_N, teacher_logp_N, self.args.sampled_token_clip, self.args.sampled_token_baseline
             )
             exact_kl_N = None
         else:

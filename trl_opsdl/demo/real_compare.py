@@ -54,6 +54,16 @@ REAL_COMPARE_METHODS = {
     # Every prompt at 1,024 tokens, the length where the target is missed (the shared set alternates 512 and 1,024;
     # the 120-step run moved 512 and not 1,024). Same steps and batch; its own 160 prompts (`train_lengths` differs).
     "opsdl_topk_train_1024": {"distillation_mode": "topk_logits", "train_lengths": (1024,)},
+    # The paper's point-wise estimator at the step size that kept `full_logits` nearest the base at 1,024 tokens: at
+    # lr 1e-3 its surrogate's variance (one sampled token per position, not the distribution) degraded every setting.
+    "opsdl_sampled_token_lr_3e-4": {"distillation_mode": "sampled_token", "learning_rate": 3e-4},
+    # The same estimator at the shared recipe with a mean baseline: its advantages average -0.3 to -0.5 nats (the
+    # teacher finds the student's samples less likely than it does; real_advantage.py), so uncentred it pushes down most
+    # sampled tokens.
+    "opsdl_sampled_token_baseline": {
+        "distillation_mode": "sampled_token",
+        "extra": {"sampled_token_baseline": "mean"},
+    },
 }
 
 
