@@ -282,8 +282,8 @@ def sampled_token_surrogate(
 
     `baseline="mean"` subtracts the mean of A over the N tokens first. Any constant b keeps the expected gradient
     (E[b * grad log p_s] = 0), but on a finite batch a mean A < 0 (the teacher finds the student's own samples less
-    likely than the student does) lowers the log-prob of every sampled token; centred, only tokens the teacher likes
-    less than the batch's average are pushed down. (The mean includes the token itself: a bias of order 1/N.)
+    likely than the student does) adds a push-down of size |mean A| to every sampled token's log-prob; centred, only
+    tokens the teacher likes less than the batch's average are pushed down. (The mean includes the token itself: a bias of order 1/N.)
     """
     advantage_N = (teacher_logprobs_N - student_logprobs_N).detach()
     if baseline == "mean":

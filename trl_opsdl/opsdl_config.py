@@ -11,6 +11,7 @@ TEACHER_KINDS = ("base", "live", "ema")
 DISTILLATION_MODES = ("full_logits", "sampled_token", "topk_logits")
 TRUNCATION_POLICIES = ("error", "middle", "left")
 CHECKPOINTING_POLICIES = ("full", "selective")
+SAMPLED_TOKEN_BASELINES = ("none", "mean")
 
 
 def default_bf16(fp16: bool) -> bool:
@@ -152,7 +153,7 @@ class OPSDLConfig(DistillationConfig):
         metadata={
             "help": "Baseline subtracted from 'sampled_token' advantages: 'mean' (over the micro-batch's loss tokens) "
             "or 'none'.",
-            "choices": ["none", "mean"],
+            "choices": list(SAMPLED_TOKEN_BASELINES),
         },
     )
     loss_chunk_size: int | None = field(
@@ -269,7 +270,7 @@ class OPSDLConfig(DistillationConfig):
             raise ValueError(
                 f"sampled_token_clip={self.sampled_token_clip} must be positive, or None to disable clipping."
             )
-        if self.sampled_token_baseline not in ("none", "mean"):
+        if self.sampled_token_baseline not in SAMPLED_TOKEN_BASELINES:
             raise ValueError(
                 f"sampled_token_baseline={self.sampled_token_baseline!r} is not a baseline; use 'mean' or 'none'."
             )
