@@ -93,3 +93,17 @@ def save_bpe_chat_model(path, seed: int = 0) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def write_essays(folder, num_essays: int = 14, sentences: int = 60) -> str:
+    """A folder of `.txt` essays of short plain sentences; essay `i` alone uses the marker word `essaymark<i>`."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(1)
+    for i in range(num_essays):
+        words = ["the", "river", "old", "road", "near", "town", "is", "and", f"essaymark{i}"]
+        text = " ".join(" ".join(rng.choice(words) for _ in range(6)).capitalize() + "." for _ in range(sentences))
+        with open(os.path.join(folder, f"essay{i:02d}.txt"), "w") as f:
+            f.write(text)
+    return str(folder)

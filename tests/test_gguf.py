@@ -105,3 +105,44 @@ def test_an_unreachable_index_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())
     with pytest.raises(ValueError, match="Could not download demo_pkg-1.0.whl from the package index"):
         pypi_sources.fetch_from_pypi("demo_pkg-1.0.whl", "0" * 64, "x", cache_dir=str(tmp_path / "c"))
+
+
+def _squad_file(path, title="A"):
+    import json
+
+    path.write_text(json.dumps({"data": [{"title": title, "paragraphs": [{"context": "x", "qas": []}]}]}))
+    return path
+
+
+@pytest.fixture
+def no_index(tmp_path, monkeypatch):
+    """The package index lists no bigbench archive (as on 2026-12-05): `squad_path` must turn to the publisher."""
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())
+
+
+def test_squad_path_falls_back_to_the_publishers_pinned_file_once(tmp_path, monkeypatch, no_index):
+    published = _squad_file(tmp_path / "dev-v1.1.json")
+    sha = hashlib.sha256(published.read_bytes()).hexdigest()
+    monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "squad_dev", (published.as_uri(), sha))
+    cache = str(tmp_path / "cache")
+    path = pypi_sources.squad_path(cache_dir=cache)
+    assert path == os.path.join(cache, "sources", "published", "dev-v1.1.json")
+    assert open(path).read() == published.read_text()
+    published.unlink()  # cached: the second call downloads nothing
+    assert pypi_sources.squad_path(cache_dir=cache) == path
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_squad_path_refuses_a_published_file_that_is_not_the_pinned_squad(tmp_path, monkeypatch, no_index, pinned):
+    cache = tmp_path / "cache"
+    if pinned:  # the bytes differ from the pinned hash
+        served, message = _squad_file(tmp_path / "dev-v1.1.json"), "is not the pinned"
+        monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "squad_dev", (served.as_uri(), "0" * 64))
+    else:  # no hash to pin (SQuAD-shifts): the shape is checked
+        served, message = tmp_path / "nyt_v1.0.json", "not a SQuAD-format JSON file"
+        served.write_text('{"version": "1.0"}')
+        monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "nyt", (served.as_uri(), None))
+    with pytest.raises(ValueError, match=message) as error:
+        pypi_sources.squad_path("squad_dev" if pinned else "nyt", cache_dir=str(cache))
+    assert "--squad FILE" in str(error.value) and "\n" not in str(error.value)
+    assert os.listdir(cache / "sources" / "published") == []  # nothing half-kept

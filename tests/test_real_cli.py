@@ -65,6 +65,9 @@ def test_build_data_squad_writes_pairs_of_the_requested_split(tiny, tmp_path, ca
         (["demo", "--real", "--eval-steps", "-1"], "eval_steps=-1 must be 0 \\(no curve\\) or a positive number"),
         (["demo", "--real", "--eval-lengths", "32"], r"eval_lengths=\(32,\) must list target lengths of at least 64"),
         (["demo", "--real", "--squad", "missing.json"], "--squad 'missing.json' is not a file"),
+        (["demo", "--real", "--task", "trivia"], "task='trivia' is not 'squad' or a RULER task"),
+        (["demo", "--real", "--task", "niah_single", "--essays", "none/"], "--essays 'none/' is not a folder"),
+        (["demo", "--real", "--compare", "--squad-check", "gone.json"], "--squad-check 'gone.json' is not a file"),
         (["demo", "--real", "--long-pairs", "16"], "--long-pairs is an option of the toy demo, not of --real"),
         (["demo", "--quick"], "--quick goes with --real"),
         (["demo", "--eval-short", "5"], "--eval-short goes with --real"),
@@ -135,3 +138,23 @@ def test_every_real_compare_method_is_a_valid_trainer_setting():
                 assert getattr(args, field) == spec[field], (name, field)
         for field, value in spec.get("extra", {}).items():
             assert getattr(args, field) == value, (name, field)
+
+
+def test_real_demo_without_any_squad_source_is_one_line_before_the_model(tiny, tmp_path, capsys, monkeypatch):
+    """Neither the package index nor the publisher serves SQuAD (as on this project's machines since bigbench 1.0.0
+    left the index): one line that says to pass --squad, and the model is never prepared."""
+    from trl_opsdl import gguf, pypi_sources
+
+    model, squad = tiny
+    monkeypatch.setenv("TRL_OPSDL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())
+    monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "squad_dev", ((tmp_path / "gone.json").as_uri(), None))
+    monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "nyt", ((tmp_path / "gone-nyt.json").as_uri(), None))
+    monkeypatch.setattr(gguf, "prepare_model", lambda *_: pytest.fail("the model was prepared before the data"))
+    for extra in ([], ["--compare", "--squad", squad]):  # --compare's short check has a source of its own
+        out = tmp_path / "out"
+        assert main(["demo", "--real", "--quick", "--model", model, "--output-dir", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("trl-opsdl demo: error: SQuAD set") and "could not be had" in err, err
+        assert "--squad FILE" in err and "bigbench-1.0.0.tar.gz" in err and "gone" in err
+        assert not out.exists()

@@ -203,7 +203,7 @@ def test_real_compare_gives_a_method_with_more_steps_its_own_prompts_and_records
 
     model = save_bpe_chat_model(tmp_path / "tiny")
     squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
-    config = RealDemoConfig(model=model, squad=squad, output_dir=str(tmp_path / "cmp"))
+    config = RealDemoConfig(model=model, squad=squad, squad_check=squad, output_dir=str(tmp_path / "cmp"))
     config = replace(quick_config(config), eval_steps=1)
     methods = {"opsdl": {}, "opsdl_steps_3": {"max_steps": 3}, "sft_self": {"trainer": "sft_self"}}
     run_real_compare(config, methods, seeds=(0,), log=lambda *_: None)
@@ -213,6 +213,26 @@ def test_real_compare_gives_a_method_with_more_steps_its_own_prompts_and_records
     assert all(0 < runs[m]["curve_seconds"] <= runs[m]["train_seconds"] for m in methods)
     summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())["summary"]
     assert set(summary) == {"base", *methods}
+    assert all("short_nyt" in runs[m]["scores"] for m in methods)  # the short check, from --squad-check's file
+
+
+def test_real_compare_without_the_short_check_needs_no_source_for_it(tmp_path, monkeypatch):
+    """`short_check=False` (--no-short-check): where SQuAD-shifts can't be had, the comparison runs without it."""
+
+    from trl_opsdl import pypi_sources
+    from trl_opsdl.demo.config import RealDemoConfig
+    from trl_opsdl.demo.real import quick_config
+    from trl_opsdl.demo.real_compare import run_real_compare
+
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())
+    monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "nyt", ((tmp_path / "gone.json").as_uri(), None))
+    model = save_bpe_chat_model(tmp_path / "tiny")
+    squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
+    config = RealDemoConfig(model=model, squad=squad, output_dir=str(tmp_path / "cmp"), short_check=False)
+    run_real_compare(quick_config(config), {"opsdl": {}}, seeds=(0,), log=lambda *_: None)
+    for name in ("base", "opsdl-seed0"):
+        scores = json.loads((tmp_path / "cmp" / "runs" / f"{name}.json").read_text())["scores"]
+        assert set(scores) == {"short", "long_256", "long_384"}
 
 
 def test_dpo_baseline_takes_the_step_batch_in_two_half_size_forwards(tmp_path):
@@ -276,3 +296,40 @@ def test_advantage_benchmark_reply_logprobs_match_one_reply_at_a_time(tmp_path, 
     sampled, student = module._sample(model, prompt, 3, temperature=0.7, max_new_tokens=5, eos=2, pad=0)
     for from_generate, forced in zip(student, module._reply_logprobs(model, prompt, sampled, pad=0), strict=True):
         assert from_generate == pytest.approx(forced, abs=1e-4)
+
+
+def test_real_demo_on_a_ruler_task_holds_out_the_evaluation_essays(tmp_path, monkeypatch):
+    """`task="niah_single"`: every long prompt holds its short prompt's needle and the answer; the evaluation's
+    haystack comes from held-out essays only (none in a training prompt); the long sets' needles span the context's
+    depth; no SQuAD source is touched."""
+    import re
+    from dataclasses import replace
+
+    from tests.real_fixtures import write_essays
+    from trl_opsdl.demo.config import RealDemoConfig
+    from trl_opsdl.demo.real import eval_sets, prepare, quick_config, train_dataset
+
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())  # nothing fetched: SQuAD is not needed
+    model = save_bpe_chat_model(tmp_path / "tiny")
+    config = RealDemoConfig(model=model, task="niah_single", essays=write_essays(tmp_path / "essays"))
+    config = replace(quick_config(config), num_eval_articles=4, eval_long=5, max_steps=4)
+    _, tokenizer, train_essays, held_out = prepare(config, log=lambda *_: None)
+    assert (len(train_essays), len(held_out)) == (10, 4)
+    sets = eval_sets(config, tokenizer, held_out)
+    dataset = train_dataset(config, tokenizer, train_essays).to_list()
+    assert [len(sets[k]) for k in ("short", "long_256", "long_384")] == [4, 5, 5] and len(dataset) == 8
+
+    def marks(rows):
+        return {m for r in rows for m in re.findall(r"essaymark\d+", r["prompt"][-1]["content"])}
+
+    def needle(row):  # the short context: the needle line between the task's instruction and its question
+        return row["teacher_prompt"][-1]["content"].split("\n")[1]
+
+    held_marks = {m for e in held_out for m in re.findall(r"essaymark\d+", e)}
+    eval_rows = [r for k, rows in sets.items() if k != "short" for r in rows]
+    assert marks(eval_rows) and marks(eval_rows) <= held_marks and not marks(dataset) & held_marks
+    for row in eval_rows + dataset:
+        assert needle(row).startswith("One of the special magic words") and needle(row) in row["prompt"][-1]["content"]
+        assert row["answers"][0] in needle(row) and "essaymark" not in row["teacher_prompt"][-1]["content"]
+    depths = [r["depth"] for r in sets["long_384"]]
+    assert min(depths) < 20 and max(depths) > 80  # spread over the context, not the first rows' depths only

