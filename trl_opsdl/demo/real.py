@@ -415,10 +415,13 @@ def plot_real(results: dict, path) -> None:
         lo = [y - results[key][n]["ci95"]["contains"][0] for y, n in zip(ys, names)]
         hi = [results[key][n]["ci95"]["contains"][1] - y for y, n in zip(ys, names)]
         ax.errorbar(x, ys, yerr=[lo, hi], fmt=style, capsize=3, label=f"{key} OPSDL")
-    ax.set_xticks(x, ["short\n(gold paragraph)"] + [f"{n}" for n in lengths])
+    task = results["settings"].get("task", "squad")
+    short = "gold paragraph" if task == "squad" else "needle lines"
+    ax.set_xticks(x, [f"short\n({short})"] + [f"{n}" for n in lengths])
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("gold answer contained in the reply (%)")
-    ax.set_title("SmolLM2-135M-Instruct on SQuAD articles")
+    model = os.path.basename(str(results["settings"].get("model_path", ""))).split(".")[0] or "the model"
+    ax.set_title(f"{model} on {'SQuAD articles' if task == 'squad' else f'RULER {task} over essays'}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
