@@ -107,10 +107,10 @@ def test_an_unreachable_index_is_a_clear_error(tmp_path, monkeypatch):
         pypi_sources.fetch_from_pypi("demo_pkg-1.0.whl", "0" * 64, "x", cache_dir=str(tmp_path / "c"))
 
 
-def _squad_file(path, title="A"):
+def _squad_file(path):
     import json
 
-    path.write_text(json.dumps({"data": [{"title": title, "paragraphs": [{"context": "x", "qas": []}]}]}))
+    path.write_text(json.dumps({"data": [{"title": "A", "paragraphs": [{"context": "x", "qas": []}]}]}))
     return path
 
 

@@ -67,6 +67,9 @@ def test_build_data_squad_writes_pairs_of_the_requested_split(tiny, tmp_path, ca
         (["demo", "--real", "--squad", "missing.json"], "--squad 'missing.json' is not a file"),
         (["demo", "--real", "--task", "trivia"], "task='trivia' is not 'squad' or a RULER task"),
         (["demo", "--real", "--task", "niah_single", "--essays", "none/"], "--essays 'none/' is not a folder"),
+        (["demo", "--real", "--essays", "e/"], "--essays goes with a RULER --task, not with --task squad"),
+        (["demo", "--real", "--task", "vt", "--system-prompt", "Hi"], "--system-prompt goes with --task squad, not"),
+        (["demo", "--real", "--task", "vt", "--squad", "SQUAD"], "--squad goes with --task squad, not with --task vt"),
         (["demo", "--real", "--compare", "--squad-check", "gone.json"], "--squad-check 'gone.json' is not a file"),
         (["demo", "--real", "--long-pairs", "16"], "--long-pairs is an option of the toy demo, not of --real"),
         (["demo", "--quick"], "--quick goes with --real"),
@@ -81,7 +84,8 @@ def test_bad_real_path_input_is_one_line_and_exit_2(tiny, argv, message, capsys,
     monkeypatch.chdir(tmp_path)
     argv = [model if a == "MODEL" else squad if a == "SQUAD" else a for a in argv]
     if argv[:2] == ["demo", "--real"]:
-        argv += ["--model", model, "--squad", squad] if "--squad" not in argv else ["--model", model]
+        squad_task = "--task" not in argv or argv[argv.index("--task") + 1] == "squad"
+        argv += ["--model", model] + (["--squad", squad] if squad_task and "--squad" not in argv else [])
     if argv[0] == "demo":
         argv += ["--output-dir", str(tmp_path / "out")]
     assert main(argv) == 2

@@ -64,6 +64,11 @@ def check_real_config(config: RealDemoConfig) -> None:
 
     if config.task not in ("squad", *RULER_TASKS):
         raise ValueError(f"task={config.task!r} is not 'squad' or a RULER task ({', '.join(RULER_TASKS)}).")
+    ruler_only, squad_only = {"essays"}, {"squad", "system_prompt"}  # options that the other kind would ignore
+    for name in sorted(ruler_only if config.task == "squad" else squad_only):
+        if getattr(config, name) is not None:
+            other = "a RULER --task" if config.task == "squad" else "--task squad"
+            raise ValueError(f"--{name.replace('_', '-')} goes with {other}, not with --task {config.task}.")
     if config.essays is not None and not os.path.isdir(config.essays):
         raise ValueError(f"--essays {config.essays!r} is not a folder; pass a folder of .txt files (or leave it out).")
     for name in ("squad", "squad_check"):
@@ -190,7 +195,7 @@ def curve_record(callback) -> dict:
 # --- the run -----------------------------------------------------------------------------------------------------------
 
 
-def squad_source(config: RealDemoConfig) -> str:
+def document_source(config: RealDemoConfig) -> str:
     """The documents' source: for `squad`, a SQuAD-format file (`config.squad`, else SQuAD v1.1 dev, fetched once and
     cached); for a RULER task, a folder of essays (`config.essays`, else the Paul Graham essays). Called before
     anything else is done, so that a source that can't be had is one error with nothing started."""
@@ -201,27 +206,27 @@ def squad_source(config: RealDemoConfig) -> str:
     return config.squad or squad_path()
 
 
-def _ruler_rows(config: RealDemoConfig, tokenizer, essays: list[str], lengths, num: int, seed: int) -> list[dict]:
+def _ruler_pairs(config: RealDemoConfig, tokenizer, essays: list[str], lengths, num: int, seed: int):
     """`num` rows of the RULER task `config.task` per length, over `essays` as the haystack (RULER's: the text from
     its start, the needle lines at depths spread over the context), with made-up words as keys and values."""
     from ..data.ruler import build_ruler
 
     # Whole essay sentences are the filler's units, and some run to ~60 tokens: a prompt can stop that far below its
     # target (458 of 512 tokens measured), past RULER's usual 5%.
-    rows = build_ruler(tokenizer, tasks=[config.task], lengths=lengths, num_samples=num, seed=seed,
+    return build_ruler(tokenizer, tasks=[config.task], lengths=lengths, num_samples=num, seed=seed,
                        conversational=True, filler="\n\n".join(essays), value_type="words", tolerance=0.15)  # fmt: skip
-    return rows.to_list()
 
 
 def prepare(config: RealDemoConfig, log=print):
-    """Model folder, tokenizer, and the (train, eval) article splits; everything fetched or converted is cached."""
+    """Model folder, tokenizer, and the (train, eval) splits of the articles (or, for a RULER task, of the essays);
+    everything fetched or converted is cached."""
     from transformers import AutoTokenizer
 
     from ..data.squad import load_squad, split_articles
     from ..gguf import prepare_model
 
     start = time.time()
-    source = squad_source(config)
+    source = document_source(config)
     if config.task == "squad":
         articles = load_squad(source)
     else:  # essays: one "article" each, the evaluation's haystack never trained on
@@ -252,13 +257,15 @@ def load_model(model_path: str):
 
 
 def eval_sets(config: RealDemoConfig, tokenizer, held_out) -> dict:
-    """`short` (gold paragraph) and `long_<n>` settings on the held-out articles; the long sets share questions."""
+    """`short` (gold paragraph, or needle lines) and `long_<n>` settings on the held-out articles (or essays); SQuAD's
+    long sets share questions."""
     from ..data.squad import build_squad_pairs
 
     if config.task != "squad":  # short and long sets drawn apart: a RULER row's depth follows its index
         seed = 10_000 + config.seed
-        sets = {"short": _ruler_rows(config, tokenizer, held_out, config.eval_lengths[:1], config.eval_short, seed)}
-        rows = _ruler_rows(config, tokenizer, held_out, config.eval_lengths, config.eval_long, seed + 1)
+        short = _ruler_pairs(config, tokenizer, held_out, config.eval_lengths[:1], config.eval_short, seed)
+        sets = {"short": short.to_list()}
+        rows = _ruler_pairs(config, tokenizer, held_out, config.eval_lengths, config.eval_long, seed + 1).to_list()
         for length in config.eval_lengths:
             sets[f"long_{length}"] = [r for r in rows if r["length"] == length]
         return sets
@@ -287,27 +294,14 @@ def train_dataset(config: RealDemoConfig, tokenizer, train_articles):
     total = config.max_steps * config.batch_size
     lengths = list(config.train_lengths)
     per_length = -(-total // len(lengths))
-    if config.task != "squad":
-        from datasets import Dataset
 
-        parts = [
-            Dataset.from_list(
-                _ruler_rows(config, tokenizer, train_articles, [length], per_length, config.seed * 100 + i)
-            )
-            for i, length in enumerate(lengths)
-        ]
-        return concatenate_datasets(parts).shuffle(seed=config.seed).select(range(total))
-    parts = [
-        build_squad_pairs(
-            train_articles,
-            tokenizer,
-            [length],
-            num_samples=per_length,
-            seed=config.seed * 100 + i,
-            system_prompt=config.system_prompt,
-        )
-        for i, length in enumerate(lengths)
-    ]
+    def pairs(length, seed):
+        if config.task != "squad":
+            return _ruler_pairs(config, tokenizer, train_articles, [length], per_length, seed)
+        return build_squad_pairs(train_articles, tokenizer, [length], num_samples=per_length, seed=seed,
+                                 system_prompt=config.system_prompt)  # fmt: skip
+
+    parts = [pairs(length, config.seed * 100 + i) for i, length in enumerate(lengths)]
     return concatenate_datasets(parts).shuffle(seed=config.seed).select(range(total))
 
 
@@ -342,7 +336,7 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
 
     config = config or RealDemoConfig()
     check_real_config(config)
-    squad_source(config)
+    document_source(config)
     start = time.time()
     torch.set_num_threads(config.num_threads)
     output_dir = prepare_output_dir(config)  # the toy demo's rule: refused when used, unless --overwrite
