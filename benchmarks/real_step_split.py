@@ -1,12 +1,14 @@
 """Where a real-model OPSDL step's time goes, and its cost against TRL's SFTTrainer on the same sequences.
 
-    python benchmarks/real_step_split.py                      # SmolLM2-135M-Instruct, 4 x 1,024-token prompts
+    python benchmarks/real_step_split.py                      # SmolLM2-135M-Instruct, the demo --real recipe
     python benchmarks/real_step_split.py --steps 2 --length 256 --batch-size 2   # the smallest setting
 
-Runs `--steps` OPSDLTrainer steps (LoRA r=16, the demo --real recipe) on long SQuAD prompts and times each phase
-with `trl_opsdl.timing.StepTimer` (generation / teacher forward / student forward+backward / optimizer); records the
-sampled completions; then runs the same number of `SFTTrainer` steps (same LoRA, batch, learning rate) on exactly
-those prompt + completion sequences, in the same process. Prints both and the ratio, and writes a JSON.
+Runs `--steps` OPSDLTrainer steps with the `demo --real` recipe (its task, prompts and defaults: LoRA r=16, loss mode,
+learning rate, share of short-prompt anchor rows; every long prompt at `--length` tokens) and times each phase with
+`trl_opsdl.timing.StepTimer` (generation / teacher forward / student forward+backward / optimizer); records each
+row's prompt as the student read it (long, or short for an anchor row) and its sampled completion; then runs the same
+number of `SFTTrainer` steps (same LoRA, batch, learning rate) on exactly those sequences, in the same process.
+Prints both and the ratio, and writes a JSON.
 """
 
 import argparse
@@ -17,7 +19,9 @@ import time
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="Default: SmolLM2-135M-Instruct from PyPI (converted GGUF).")
-    parser.add_argument("--squad", default=None, help="SQuAD-format JSON (default: SQuAD v1.1 dev from PyPI).")
+    parser.add_argument("--task", default=None, help="As demo --real: niah_single, or squad when --squad is given.")
+    parser.add_argument("--squad", default=None, help="SQuAD-format JSON (with --task squad).")
+    parser.add_argument("--essays", default=None, help="A folder of .txt essays (RULER tasks; default: from PyPI).")
     parser.add_argument("--steps", type=int, default=4, help="Timed steps per trainer (the first is a warm-up).")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--length", type=int, default=1024, help="Long prompt tokens.")
@@ -29,21 +33,21 @@ def main(argv=None):
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from trl_opsdl import OPSDLConfig, OPSDLTrainer
-    from trl_opsdl.data.squad import build_squad_pairs, load_squad
-    from trl_opsdl.gguf import prepare_model
-    from trl_opsdl.pypi_sources import squad_path
+    from trl_opsdl.demo.config import RealDemoConfig
+    from trl_opsdl.demo.real import prepare, train_dataset
     from trl_opsdl.timing import StepTimer, host_speed
 
     torch.set_num_threads(args.num_threads)
-    model_path = prepare_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    rows = build_squad_pairs(load_squad(args.squad or squad_path()), tokenizer, [args.length],
-                             num_samples=args.steps * args.batch_size, seed=0)  # fmt: skip
-    common = dict(max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-3,
+    config = RealDemoConfig(model=args.model, task=args.task, squad=args.squad, essays=args.essays,
+                            train_lengths=(args.length,), max_steps=args.steps, batch_size=args.batch_size,
+                            num_eval_articles=1)  # one held out: no evaluation here, the rest gives prompts  # fmt: skip
+    model_path, tokenizer, train_documents, _ = prepare(config, log=print)
+    rows = train_dataset(config, tokenizer, train_documents)
+    common = dict(max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=config.learning_rate,
                   lr_scheduler_type="constant", bf16=False, report_to="none", save_strategy="no", logging_steps=1,
                   disable_tqdm=True, dataloader_pin_memory=False, activation_checkpointing=False, seed=0)  # fmt: skip
     lora = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -53,8 +57,9 @@ def main(argv=None):
     timer = StepTimer()
     trainer = OPSDLTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_path), processing_class=tokenizer,
-        args=OPSDLConfig(output_dir="/tmp/opsdl-split", temperature=0.7,
-                         max_completion_length=args.completion_length, **common),
+        args=OPSDLConfig(output_dir="/tmp/opsdl-split", temperature=config.temperature,
+                         max_completion_length=args.completion_length, distillation_mode=config.distillation_mode,
+                         short_prompt_ratio=config.short_prompt_ratio, **common),
         train_dataset=rows.select_columns(["prompt", "teacher_prompt"]),
         peft_config=LoraConfig(**lora), callbacks=[timer.callback()],
     )  # fmt: skip
@@ -63,9 +68,13 @@ def main(argv=None):
 
     def keep(inputs):
         output = generate(inputs)
+        # The prompt the student read (an anchor row's is the short one, swapped in inside the trainer), as the text of
+        # its chat-templated tokens; the completion as sampled.
+        prompts = tokenizer.batch_decode(
+            [ids_P[mask_P.bool()] for ids_P, mask_P in zip(output["prompt_ids"], output["prompt_mask"])]
+        )
         texts = tokenizer.batch_decode(output["completion_ids"] * output["completion_mask"], skip_special_tokens=True)
-        sampled.extend({"prompt": row["prompt"], "completion": [{"role": "assistant", "content": text}]}
-                       for row, text in zip(inputs, texts))  # fmt: skip
+        sampled.extend({"prompt": prompt, "completion": text} for prompt, text in zip(prompts, texts))
         return output
 
     trainer._generate_and_score_completions = keep
@@ -96,9 +105,13 @@ def main(argv=None):
     sft_times = clock.times[1:] if len(clock.times) > 1 else clock.times
     sft_step = sum(sft_times) / len(sft_times)
 
+    short_prompts = {tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                     for p in rows["teacher_prompt"]}  # fmt: skip
     training = opsdl["student_forward_backward"]["seconds"] + opsdl["optimizer"]["seconds"]
     result = {
-        "model": model_path, "length": args.length, "batch_size": args.batch_size,
+        "model": model_path, "task": config.task, "length": args.length, "batch_size": args.batch_size,
+        "distillation_mode": config.distillation_mode, "short_prompt_ratio": config.short_prompt_ratio,
+        "short_rows": sum(x["prompt"] in short_prompts for x in sampled),  # anchor rows among the SFT sequences
         "completion_length": args.completion_length, "opsdl": opsdl, "sft_seconds_per_step": round(sft_step, 3),
         "ratio_opsdl_step_to_sft_step": round(opsdl["seconds_per_step"] / sft_step, 2),
         "ratio_opsdl_training_part_to_sft_step": round(training / sft_step, 2),

@@ -114,7 +114,10 @@ def main(argv=None):
     if args.base_from and not Path(args.base_from).is_file():
         parser.error(f"--base-from {args.base_from!r} is not a file; give a compare run's runs/base.json or drop it.")
 
-    config = RealDemoConfig(output_dir=args.output_dir, model=args.model, squad=args.squad, seed=args.seed)
+    # SQuAD, with the recipe of the human row it was measured against (docs/data.md; the demo's default until
+    # 2026-12-05): `full_logits`, lr 1e-3, long prompts only.
+    config = RealDemoConfig(output_dir=args.output_dir, model=args.model, task="squad", squad=args.squad, seed=args.seed,
+                            distillation_mode="full_logits", learning_rate=1e-3, short_prompt_ratio=0.0)  # fmt: skip
     if args.quick:
         config = real_demo.quick_config(config)
     if args.max_steps:

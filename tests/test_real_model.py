@@ -112,12 +112,17 @@ def test_opsdl_step_and_eval_callback_on_the_real_model(real, tmp_path):
     model = trainer.model.unload()  # the session's model, adapters removed
 
 
-def _quick(tmp_path, model):
+def _quick(tmp_path, model, task="squad"):
     from trl_opsdl.demo.config import RealDemoConfig
     from trl_opsdl.demo.real import quick_config, run_real_demo
 
-    squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
-    config = quick_config(RealDemoConfig(output_dir=str(tmp_path / "out"), model=model, squad=squad, eval_steps=1))
+    if task == "squad":
+        documents = dict(squad=write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6))
+    else:  # the default task, over essays of made-up sentences
+        from tests.real_fixtures import write_essays
+
+        documents = dict(task=task, essays=write_essays(tmp_path / "essays"))
+    config = quick_config(RealDemoConfig(output_dir=str(tmp_path / "out"), model=model, eval_steps=1, **documents))
     results = run_real_demo(config, log=lambda line: None)
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written["before"].keys() == written["after"].keys() == {"short", "long_256", "long_384"}
@@ -142,8 +147,9 @@ def _quick(tmp_path, model):
     return results
 
 
-def test_quick_real_demo_on_a_tiny_bpe_chat_model(tmp_path):
-    _quick(tmp_path, save_bpe_chat_model(tmp_path / "tiny"))
+@pytest.mark.parametrize("task", ["squad", "niah_single"])
+def test_quick_real_demo_on_a_tiny_bpe_chat_model(tmp_path, task):
+    _quick(tmp_path, save_bpe_chat_model(tmp_path / "tiny"), task)
 
 
 def test_quick_real_demo_on_the_real_model(real_model, tmp_path):
@@ -175,6 +181,7 @@ def test_real_benchmarks_run_at_their_smallest_setting(tmp_path, monkeypatch, sc
     written = json.loads((tmp_path / "out.json").read_text())
     if script == "real_step_split":
         assert written["ratio_opsdl_step_to_sft_step"] > 0 and set(written["opsdl"]) >= {"generation", "optimizer"}
+        assert written["short_rows"] == 2  # the demo's anchors: 1 of each batch of 2 read the short prompt, SFT too
         assert written["host"]["matmul_gflops_fp32"] > 0
     elif script == "real_advantage":
         assert len(written["samples"]) == 4 and sum(c["replies"] for c in written["by_class"].values()) == 4
@@ -259,6 +266,35 @@ def test_dpo_baseline_takes_the_step_batch_in_two_half_size_forwards(tmp_path):
         "sft_self", load_model(model_path), tokenizer, dataset, config, tmp_path / "sft", [], lambda *_: None
     )
     assert (sft.args.per_device_train_batch_size, sft.args.gradient_accumulation_steps) == (4, 1)
+
+
+def test_sft_baselines_take_opsdl_anchors_as_rows_on_the_short_prompt(tmp_path, monkeypatch):
+    """`short_prompt_ratio` (the demo's default 0.5): TRL's SFT baselines train that share of their rows on the short
+    prompt, as OPSDL samples that share of each batch from it, with each row's completion unchanged; 0 keeps every
+    row long."""
+    from dataclasses import replace
+
+    import trl
+
+    from trl_opsdl.demo.config import RealDemoConfig
+    from trl_opsdl.demo.real import prepare, quick_config, train_dataset
+    from trl_opsdl.demo.real_compare import _baseline_trainer
+
+    seen = []
+    monkeypatch.setattr(trl, "SFTTrainer", lambda **kwargs: seen.append(kwargs["train_dataset"]))
+    model = save_bpe_chat_model(tmp_path / "tiny")
+    squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
+    config = replace(quick_config(RealDemoConfig(model=model, squad=squad)), batch_size=4, max_steps=2)
+    _, tokenizer, train_articles, _ = prepare(config, log=lambda *_: None)
+    dataset = train_dataset(config, tokenizer, train_articles)
+    for ratio, expected in ((0.5, 4), (0.0, 0)):
+        _baseline_trainer("sft_gold", None, tokenizer, dataset, replace(config, short_prompt_ratio=ratio),
+                          tmp_path / "sft", [], lambda *_: None)  # fmt: skip
+        rows = seen[-1]
+        assert len(rows) == 8 and [c[0]["content"] for c in rows["completion"]] == [a[0] for a in dataset["answers"]]
+        short = [p == t for p, t in zip(rows["prompt"], dataset["teacher_prompt"], strict=True)]
+        long = [p == q for p, q in zip(rows["prompt"], dataset["prompt"], strict=True)]
+        assert sum(short) == expected and all(s != lg for s, lg in zip(short, long, strict=True))
 
 
 @pytest.mark.parametrize("flag", ["--num", "--samples", "--max-new-tokens", "--eval-tokens"])

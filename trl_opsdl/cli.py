@@ -479,8 +479,10 @@ def _add_demo(subparsers):
     # `--real`: the real-model demo (docs/real_demo.md); its own fields are options too, the shared ones above apply.
     from trl_opsdl.demo.config import RealDemoConfig
 
-    real = p.add_argument_group("the real path: a pretrained instruct model on SQuAD articles (docs/real_demo.md)")
-    real.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct on real Wikipedia articles.")
+    real = p.add_argument_group("the real path: a pretrained instruct model on real documents (docs/real_demo.md)")
+    real.add_argument(
+        "--real", action="store_true", help="SmolLM2-135M-Instruct on real text (RULER over essays, or SQuAD)."
+    )
     real.add_argument(
         "--quick", action="store_true", help="With --real: the same pipeline at toy size (what CI runs)."
     )
@@ -490,6 +492,7 @@ def _add_demo(subparsers):
             continue
         default = getattr(real_defaults, field.name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = f"{shown} (squad when --squad is given)" if field.name == "task" else shown
         real.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
                           help=f"With --real. Default: {shown}.", **_demo_field_type(field))  # fmt: skip
     p.set_defaults(run=_run_demo)
@@ -511,7 +514,8 @@ def _run_real_demo(args, overrides: dict):
 
     from trl_opsdl.demo.config import RealDemoConfig
 
-    config = RealDemoConfig()
+    # Built with --task and --squad so that the task left out resolves from them (squad iff --squad FILE is given).
+    config = RealDemoConfig(task=overrides.get("task"), squad=overrides.get("squad"))
     if args.quick:
         from trl_opsdl.demo.real import quick_config
 

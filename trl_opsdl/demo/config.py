@@ -43,10 +43,11 @@ class RealDemoConfig:
 
     output_dir: str = "opsdl-demo-real"
     model: str | None = None  # None: SmolLM2-135M-Instruct from PyPI; or a .gguf file, a model folder, a hub id
-    # The documents and questions: "squad" (Wikipedia articles; the gold paragraph is the short context), or a RULER
-    # task (e.g. "niah_single": a needle sentence with a made-up word in essay text; the needle lines are the short
-    # context) over the essays of `essays`, `num_eval_articles` of them held out as the evaluation's haystack
-    task: str = "squad"
+    # The documents and questions: a RULER task (e.g. "niah_single": a needle sentence with a made-up word in essay
+    # text; the needle lines are the short context) over the essays of `essays`, `num_eval_articles` of them held out
+    # as the evaluation's haystack; or "squad" (Wikipedia articles; the gold paragraph is the short context). None:
+    # "squad" when `squad` names a file, else "niah_single" (the essays are on PyPI; SQuAD no longer is, docs)
+    task: str | None = None
     squad: str | None = None  # None: SQuAD v1.1 dev from PyPI, else from its publisher; or any SQuAD-format JSON file
     essays: str | None = None  # RULER tasks' haystack: None = the Paul Graham essays from PyPI; or a folder of .txt
     # `--compare`'s short-context check from another source: None = SQuAD-shifts' New York Times set (fetched as
@@ -65,12 +66,16 @@ class RealDemoConfig:
     train_lengths: tuple[int, ...] = (512, 1024)
     max_steps: int = 40
     batch_size: int = 4
-    learning_rate: float = 1e-3
+    # The recipe of `--compare`'s row `opsdl_topk_lr_3e-4_anchors` (docs/real_demo.md): the top-k reverse KL at lr
+    # 3e-4, half of each batch sampled from the short prompt. Until 2026-12-05 the default was `full_logits`, lr 1e-3,
+    # no anchors (`--distillation-mode full_logits --learning-rate 1e-3 --short-prompt-ratio 0`), which on
+    # niah_single lost 55 points on short prompts and 30 at 1,024 tokens.
+    learning_rate: float = 3e-4
     temperature: float = 0.7
     max_completion_length: int = 24
-    distillation_mode: str = "full_logits"
+    distillation_mode: str = "topk_logits"
     teacher_model_kind: str = "base"
-    short_prompt_ratio: float = 0.0
+    short_prompt_ratio: float = 0.5  # also TRL's SFT baselines in --compare: that share of rows on the short prompt
     lora_r: int = 16
     # > 0: every `eval_steps` training steps, "contained" on the longest eval length's questions, long and with their
     # gold paragraph (`curve` in results.json / the run file); each point costs an evaluation of 2 x `eval_long` rows.
@@ -81,3 +86,7 @@ class RealDemoConfig:
     save_model: bool = False
     overwrite: bool = False
     extra: dict = field(default_factory=dict)  # further OPSDLConfig fields
+
+    def __post_init__(self):
+        if self.task is None:
+            self.task = "squad" if self.squad is not None else "niah_single"

@@ -6,6 +6,7 @@ Each (method, seed) run is written to `<output_dir>/runs/` as it ends, so severa
 
 import json
 import math
+import random
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -29,7 +30,10 @@ from .real import (
 
 # --- the comparison: TRL's SFT and DPO against OPSDL's loss modes and teacher kinds, same prompts and budget --------
 
-# A method is `trainer` (opsdl | sft_gold | sft_self | dpo) plus `RealDemoConfig` fields that differ from the demo's.
+# A method is `trainer` (opsdl | sft_gold | sft_self | dpo) plus the `RealDemoConfig` fields it changes in the recipe
+# the command line gives (the demo's defaults unless overridden). The rows of docs/real_demo.md measured before the
+# 2026-12-05 defaults (topk_logits, lr 3e-4, short_prompt_ratio 0.5) ran on `--distillation-mode full_logits
+# --learning-rate 1e-3 --short-prompt-ratio 0` (and `--task squad` for SQuAD): pass those to repeat them.
 REAL_COMPARE_METHODS = {
     "opsdl": {},
     "opsdl_sampled_token": {"distillation_mode": "sampled_token"},  # the paper's point-wise estimator
@@ -39,12 +43,14 @@ REAL_COMPARE_METHODS = {
     # Half of each batch's rows sampled from the short prompt too: the frozen teacher then holds the student's
     # short-context behaviour where it was (KL = 0 there at the start), against the drift the default run shows.
     "opsdl_short_anchors": {"short_prompt_ratio": 0.5},
-    "opsdl_lr_3e-4": {"learning_rate": 3e-4},  # a third of the default step size, the other guard against drift
+    "opsdl_lr_3e-4": {"learning_rate": 3e-4},  # a third of the first recipe's step, the other guard against drift
     "sft_gold": {"trainer": "sft_gold"},  # labels: a reference OPSDL does not have
     "sft_self": {"trainer": "sft_self"},  # label-free, off-policy: the model's own answer to the short prompt
-    "dpo_longpo": {"trainer": "dpo"},  # LongPO-style: chosen = short-prompt answer, rejected = long-prompt answer
-    # At the shared lr 1e-3 DPO collapses into degenerate replies (docs/real_demo.md), as on the toy task.
-    "dpo_longpo_lr_1e-4": {"trainer": "dpo", "learning_rate": 1e-4},
+    # LongPO-style: chosen = short-prompt answer, rejected = long-prompt answer, every pair on the long prompt (a pair's
+    # two answers come from the two prompts, so there is no short-prompt row to anchor on: `short_prompt_ratio` 0).
+    "dpo_longpo": {"trainer": "dpo", "short_prompt_ratio": 0.0},
+    # At lr 1e-3 DPO collapses into degenerate replies (docs/real_demo.md), as on the toy task.
+    "dpo_longpo_lr_1e-4": {"trainer": "dpo", "learning_rate": 1e-4, "short_prompt_ratio": 0.0},
     # Not the shared budget: three times the steps and prompts (480) at a third of the step size, `topk_logits` —
     # whether more on-policy data moves the 1,024-token figure that 40 steps did not (run with --eval-steps for a curve).
     "opsdl_topk_lr_3e-4_steps_120": {"distillation_mode": "topk_logits", "learning_rate": 3e-4, "max_steps": 120},
@@ -74,8 +80,27 @@ REAL_COMPARE_METHODS = {
     # student's own p_s(v) and barely moves one the student finds unlikely (mode-seeking). At a position where the
     # teacher, given the gold paragraph, puts mass on the answer and the long-context student does not, only the
     # forward direction pulls hard towards it. JSD (beta = 0.5, TRL's GKD default) sits between the two.
-    "opsdl_forward_kl_lr_3e-4": {"learning_rate": 3e-4, "extra": {"beta": 0.0}},
-    "opsdl_jsd_lr_3e-4": {"learning_rate": 3e-4, "extra": {"beta": 0.5}},
+    "opsdl_forward_kl_lr_3e-4": {"distillation_mode": "full_logits", "learning_rate": 3e-4, "extra": {"beta": 0.0}},
+    "opsdl_jsd_lr_3e-4": {"distillation_mode": "full_logits", "learning_rate": 3e-4, "extra": {"beta": 0.5}},
+    # The nearest row to the target on `--task niah_single` (`opsdl_topk_lr_3e-4`: 61.0 at 1,024 tokens) lost 61 points
+    # on the short prompts the teacher answers. Half of each batch sampled from the short prompt: there the student and
+    # the frozen (adapter-free) teacher read the same prompt, so the KL is 0 at the start and its gradient pulls any
+    # drift of the LoRA on short prompts back to the base, on the student's own replies to them.
+    "opsdl_topk_lr_3e-4_anchors": {
+        "distillation_mode": "topk_logits",
+        "learning_rate": 3e-4,
+        "short_prompt_ratio": 0.5,
+    },
+    # TRL's SFT on its own short-prompt answers with that recipe's step size and anchors (half the rows on the short
+    # prompt): the label-free baseline at OPSDL's settings, where `sft_self` at lr 1e-3 lost 25 points on short prompts.
+    "sft_self_lr_3e-4_anchors": {"trainer": "sft_self", "learning_rate": 3e-4, "short_prompt_ratio": 0.5},
+    # The same anchors with the forward KL, the direction that pulls hardest towards a word the teacher holds likely.
+    "opsdl_forward_kl_lr_3e-4_anchors": {
+        "distillation_mode": "full_logits",
+        "learning_rate": 3e-4,
+        "short_prompt_ratio": 0.5,
+        "extra": {"beta": 0.0},
+    },
 }
 
 
@@ -120,6 +145,12 @@ def _baseline_trainer(kind, model, tokenizer, dataset, config: RealDemoConfig, o
         return [[{"role": "assistant", "content": text}] for text in out]
 
     prompts = dataset["prompt"]
+    if kind.startswith("sft") and config.short_prompt_ratio > 0:
+        # OPSDL's anchors, for SFT: the same share of rows trains on the short prompt (seeded over the whole set, where
+        # OPSDL draws per batch), each with its own completion, so SFT too is held on short contexts.
+        rng = random.Random(config.seed)
+        short_rows = set(rng.sample(range(len(prompts)), round(config.short_prompt_ratio * len(prompts))))
+        prompts = [dataset["teacher_prompt"][i] if i in short_rows else p for i, p in enumerate(prompts)]
     if kind == "sft_gold":
         completions = [[{"role": "assistant", "content": answers[0]}] for answers in dataset["answers"]]
     elif kind in ("sft_self", "dpo"):
@@ -213,8 +244,14 @@ def run_real_compare(
     """
     config = config or RealDemoConfig()
     methods = REAL_COMPARE_METHODS if methods is None else methods
-    for spec in methods.values():
-        check_real_config(replace(config, overwrite=True, **{k: v for k, v in spec.items() if k != "trainer"}))
+    for name, spec in methods.items():
+        own = replace(config, overwrite=True, **{k: v for k, v in spec.items() if k != "trainer"})
+        check_real_config(own)
+        if spec.get("trainer") == "dpo" and own.short_prompt_ratio > 0:
+            raise ValueError(
+                f"method {name!r}: short_prompt_ratio={own.short_prompt_ratio} with DPO, whose pairs have no short-prompt "
+                "row; set it to 0 in the method."
+            )
     # Run files are shared by processes that split the grid (each writes its own method-seed files): a file this call
     # would write again is refused unless --overwrite, so a second launch of the same cells loses nothing.
     taken = [
