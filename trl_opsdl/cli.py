@@ -232,8 +232,12 @@ def _run_build_squad(args):
     if not args.lengths or min(args.lengths) <= 0:
         raise ValueError(f"--lengths {args.lengths}: lengths must be positive token counts, e.g. 512,1024.")
     _check_output_file(args)
+    try:  # the data first: a source that can't be had stops the command before the model is fetched or converted
+        source = args.input or squad_path()
+    except ValueError as error:
+        raise ValueError(f"{error} Give it as --input FILE.") from error
     tokenizer = AutoTokenizer.from_pretrained(prepare_model(args.tokenizer))
-    articles = load_squad(args.input or squad_path())
+    articles = load_squad(source)
     if args.split != "all":
         train, held_out = split_articles(articles, args.num_eval_articles, seed=args.seed)
         articles = train if args.split == "train" else held_out

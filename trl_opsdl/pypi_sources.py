@@ -158,8 +158,8 @@ def squad_path(name: str = "squad_dev", cache_dir: str | None = None) -> str:
             return fetch_url(url, sha256, cache_dir=cache_dir)
         except ValueError as web_error:
             raise ValueError(
-                f"SQuAD set {name!r} could not be had. {index_error} {web_error} Pass a SQuAD-format JSON file "
-                "instead (`--squad FILE`; SQuAD v1.1's dev-v1.1.json is the default run's data)."
+                f"SQuAD set {name!r} could not be had. {index_error} {web_error} Pass a SQuAD-format JSON file of "
+                "yours instead."
             ) from web_error
 
 

@@ -203,7 +203,13 @@ def document_source(config: RealDemoConfig) -> str:
 
     if config.task != "squad":
         return config.essays or essays_path()
-    return config.squad or squad_path()
+    try:
+        return config.squad or squad_path()
+    except ValueError as error:  # the caller's options, which the library's message can't name
+        raise ValueError(
+            f"{error} With demo --real: --squad FILE (SQuAD v1.1's dev-v1.1.json is what the SQuAD runs of "
+            "docs/real_demo.md read), or leave out --task squad for the RULER task over essays."
+        ) from error
 
 
 def _ruler_pairs(config: RealDemoConfig, tokenizer, essays: list[str], lengths, num: int, seed: int):

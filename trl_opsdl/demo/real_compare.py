@@ -112,7 +112,10 @@ def check_source(config: RealDemoConfig) -> str:
     """The short check's SQuAD-format file: `config.squad_check`, else SQuAD-shifts' NYT set (fetched once, cached)."""
     from ..pypi_sources import squad_path
 
-    return config.squad_check or squad_path("nyt")
+    try:
+        return config.squad_check or squad_path("nyt")
+    except ValueError as error:
+        raise ValueError(f"{error} For --compare's short check: --squad-check FILE, or --no-short-check.") from error
 
 
 def short_check_set(config: RealDemoConfig, tokenizer, num: int = 100) -> list[dict]:
