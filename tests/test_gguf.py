@@ -144,5 +144,5 @@ def test_squad_path_refuses_a_published_file_that_is_not_the_pinned_squad(tmp_pa
         monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "nyt", (served.as_uri(), None))
     with pytest.raises(ValueError, match=message) as error:
         pypi_sources.squad_path("squad_dev" if pinned else "nyt", cache_dir=str(cache))
-    assert "--squad FILE" in str(error.value) and "\n" not in str(error.value)
+    assert "Pass a SQuAD-format JSON file of yours instead." in str(error.value) and "\n" not in str(error.value)
     assert os.listdir(cache / "sources" / "published") == []  # nothing half-kept
