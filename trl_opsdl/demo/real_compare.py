@@ -153,7 +153,8 @@ def _baseline_trainer(kind, model, tokenizer, dataset, config: RealDemoConfig, o
         # OPSDL draws per batch), each with its own completion, so SFT too is held on short contexts.
         rng = random.Random(config.seed)
         short_rows = set(rng.sample(range(len(prompts)), round(config.short_prompt_ratio * len(prompts))))
-        prompts = [dataset["teacher_prompt"][i] if i in short_rows else p for i, p in enumerate(prompts)]
+        teacher_prompts = dataset["teacher_prompt"]  # the column once, not once per row
+        prompts = [teacher_prompts[i] if i in short_rows else p for i, p in enumerate(prompts)]
     if kind == "sft_gold":
         completions = [[{"role": "assistant", "content": answers[0]}] for answers in dataset["answers"]]
     elif kind in ("sft_self", "dpo"):
