@@ -49,7 +49,8 @@ REAL_COMPARE_METHODS = {
     # LongPO-style: chosen = short-prompt answer, rejected = long-prompt answer, every pair on the long prompt (a pair's
     # two answers come from the two prompts, so there is no short-prompt row to anchor on: `short_prompt_ratio` 0).
     "dpo_longpo": {"trainer": "dpo", "short_prompt_ratio": 0.0},
-    # At lr 1e-3 DPO collapses into degenerate replies (docs/real_demo.md), as on the toy task.
+    # At lr 1e-3 DPO collapses into degenerate replies (docs/real_demo.md), as on the toy task. At 1e-4 on `--task
+    # niah_single` it still fell below the base on every setting (1,024 tokens: 47 -> 11), at ~3x OPSDL's step time.
     "dpo_longpo_lr_1e-4": {"trainer": "dpo", "learning_rate": 1e-4, "short_prompt_ratio": 0.0},
     # Not the shared budget: three times the steps and prompts (480) at a third of the step size, `topk_logits` —
     # whether more on-policy data moves the 1,024-token figure that 40 steps did not (run with --eval-steps for a curve).
@@ -95,6 +96,8 @@ REAL_COMPARE_METHODS = {
     # prompt): the label-free baseline at OPSDL's settings, where `sft_self` at lr 1e-3 lost 25 points on short prompts.
     "sft_self_lr_3e-4_anchors": {"trainer": "sft_self", "learning_rate": 3e-4, "short_prompt_ratio": 0.5},
     # The same anchors with the forward KL, the direction that pulls hardest towards a word the teacher holds likely.
+    # On `--task niah_single` (2 seeds) it moved the long settings about as far as the top-k reverse KL (91 / 87 at
+    # 512 / 1,024 against 93 / 90) and kept short prompts worse (81 against 95): docs/real_demo.md.
     "opsdl_forward_kl_lr_3e-4_anchors": {
         "distillation_mode": "full_logits",
         "learning_rate": 3e-4,
