@@ -94,10 +94,12 @@ REAL_COMPARE_METHODS = {
     },
     # TRL's SFT on its own short-prompt answers with that recipe's step size and anchors (half the rows on the short
     # prompt): the label-free baseline at OPSDL's settings, where `sft_self` at lr 1e-3 lost 25 points on short prompts.
+    # On `--task niah_single` (5 seeds) it is level with OPSDL at long lengths where it works and fell below the base
+    # on short prompts on two seeds (one collapse into a refusal template): docs/real_demo.md.
     "sft_self_lr_3e-4_anchors": {"trainer": "sft_self", "learning_rate": 3e-4, "short_prompt_ratio": 0.5},
     # The same anchors with the forward KL, the direction that pulls hardest towards a word the teacher holds likely.
     # On `--task niah_single` (2 seeds) it moved the long settings about as far as the top-k reverse KL (91 / 87 at
-    # 512 / 1,024 against 93 / 90) and kept short prompts worse (81 against 95): docs/real_demo.md.
+    # 512 / 1,024 against 92 / 90 over 5 seeds) and kept short prompts worse (81 against 93): docs/real_demo.md.
     "opsdl_forward_kl_lr_3e-4_anchors": {
         "distillation_mode": "full_logits",
         "learning_rate": 3e-4,
