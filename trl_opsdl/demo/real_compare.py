@@ -98,8 +98,8 @@ REAL_COMPARE_METHODS = {
     # on short prompts on two seeds (one collapse into a refusal template): docs/real_demo.md.
     "sft_self_lr_3e-4_anchors": {"trainer": "sft_self", "learning_rate": 3e-4, "short_prompt_ratio": 0.5},
     # The same anchors with the forward KL, the direction that pulls hardest towards a word the teacher holds likely.
-    # On `--task niah_single` (2 seeds) it moved the long settings about as far as the top-k reverse KL (91 / 87 at
-    # 512 / 1,024 against 92 / 90 over 5 seeds) and kept short prompts worse (81 against 93): docs/real_demo.md.
+    # On `--task niah_single` (3 seeds) it moved the long settings a little less than the top-k reverse KL (90 / 86 at
+    # 512 / 1,024 against 92 / 90 over 5 seeds) and kept short prompts lower (86 against 93): docs/real_demo.md.
     "opsdl_forward_kl_lr_3e-4_anchors": {
         "distillation_mode": "full_logits",
         "learning_rate": 3e-4,
