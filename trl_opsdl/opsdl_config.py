@@ -12,6 +12,7 @@ DISTILLATION_MODES = ("full_logits", "sampled_token", "topk_logits")
 TRUNCATION_POLICIES = ("error", "middle", "left")
 CHECKPOINTING_POLICIES = ("full", "selective")
 SAMPLED_TOKEN_BASELINES = ("none", "mean")
+CONTEXT_GRADIENTS = ("full", "none")
 
 
 def default_bf16(fp16: bool) -> bool:
@@ -90,6 +91,17 @@ class OPSDLConfig(DistillationConfig):
             products) are recomputed — more memory than `"full"`, about a fifth less than no checkpointing, for no
             extra matmul or attention FLOPs (see `trl_opsdl.checkpointing` for measured times). Needs non-reentrant
             checkpointing.
+        context_gradient (`str`, *optional*, defaults to `"full"`):
+            `"full"`: the student runs forward and backward over the whole long prompt + completion. `"none"`: the
+            long prompt's per-layer keys and values are constants — kept from generation's cache (same weights within
+            a generation batch), else computed by a no-grad prefill — and the forward with gradient runs over the
+            completion positions only, attending to them. The gradient then flows through the completion's queries,
+            keys, values and MLPs and their attention over the context, not into how the context is encoded: a step
+            costs about generation + teacher + a forward/backward over the completion, and its memory is the cache.
+            Not with `sequence_parallel_size > 1` (nothing long is left to split).
+        context_prefill_chunk_size (`int`, *optional*, defaults to `4096`):
+            With `context_gradient="none"`, positions per forward of the no-grad prefill (used when generation's
+            cache can't be kept: vLLM, tool calls, or weights changed since generation). Bounds its peak memory.
 
         > Parameters that control sequence parallelism
 
@@ -193,6 +205,19 @@ class OPSDLConfig(DistillationConfig):
         },
     )
 
+    context_gradient: str = field(
+        default="full",
+        metadata={
+            "help": "'full': forward/backward over the whole prompt + completion. 'none': the prompt's keys/values are "
+            "constants (from generation's cache or a no-grad prefill); gradient through the completion positions only.",
+            "choices": list(CONTEXT_GRADIENTS),
+        },
+    )
+    context_prefill_chunk_size: int = field(
+        default=4096,
+        metadata={"help": "With context_gradient='none': positions per forward of the no-grad prefill."},
+    )
+
     # Parameters that control sequence parallelism
     sequence_parallel_size: int = field(
         default=1,
@@ -282,6 +307,22 @@ class OPSDLConfig(DistillationConfig):
             raise ValueError(
                 f"sequence_parallel_size={self.sequence_parallel_size} must be at least 1 (1 turns sequence "
                 "parallelism off)."
+            )
+        if self.context_gradient not in CONTEXT_GRADIENTS:
+            raise ValueError(
+                f"context_gradient={self.context_gradient!r} is not one of {CONTEXT_GRADIENTS}. Use 'full' (the "
+                "default) or 'none' (the prompt's keys/values as constants)."
+            )
+        if self.context_prefill_chunk_size < 1:
+            raise ValueError(
+                f"context_prefill_chunk_size={self.context_prefill_chunk_size} must be a positive number of tokens "
+                "(4096 is a good default)."
+            )
+        if self.context_gradient == "none" and self.sequence_parallel_size > 1:
+            raise ValueError(
+                f"context_gradient='none' runs no forward with gradient over the long prompt, so "
+                f"sequence_parallel_size={self.sequence_parallel_size} has nothing to split. Set "
+                "sequence_parallel_size=1, or context_gradient='full'."
             )
         if self.activation_checkpointing_policy not in CHECKPOINTING_POLICIES:
             raise ValueError(

@@ -5,6 +5,8 @@ loss override that runs the teacher on it, and the resume and checkpoint overrid
 commented with what the parent does.
 """
 
+import contextlib
+import copy
 import os
 import random
 import textwrap
@@ -18,7 +20,7 @@ from trl import DistillationTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import pad
 
-from . import loss_utils, sequence_parallel
+from . import context_cache, loss_utils, sequence_parallel
 from .opsdl_config import OPSDLConfig
 from .resume import EpochRepeatSampler, checkpoint_problem, last_complete_checkpoint, list_checkpoints
 from .teacher import EMATeacher, add_ema_adapter, frozen_copy, teacher_context
@@ -362,54 +364,109 @@ class OPSDLTrainer(DistillationTrainer):
         return fitted
 
     def _generate_and_score_completions(self, inputs):
-        # The parent generates on `prompt` and builds the student inputs. OPSDL adds the teacher's short prompt,
-        # tokenized once per generation batch (not per micro-step), and a loss mask that can leave end tokens out.
-        column = self.args.teacher_prompt_column
-        # Map-style datasets were checked row by row at construction; an iterable one is checked here, per batch.
-        # (Also a map-style set handed to `evaluate()` later, never checked: its rows carry no stream position.)
+        # The parent generates on `prompt` and builds the student inputs. OPSDL checks the rows, swaps some prompts for
+        # their short one (anchors), and adds the teacher's short prompt (tokenized once per generation batch, not per
+        # micro-step), a loss mask that can leave end tokens out, the context's keys/values (`context_gradient="none"`)
+        # and its logs. Each step is one helper below.
+        self._check_generation_batch(inputs)
+        teacher_prompts = [row[self.args.teacher_prompt_column] for row in inputs]
+        if self.args.short_prompt_ratio > 0 and self.model.training:
+            inputs = self._anchor_rows(inputs)
+        truncated_before = dict(self._truncations)
+
+        with self._keeping_generation_cache() as kept:
+            output = super()._generate_and_score_completions(inputs)
+        output.update(self._context_kv_from_generation(kept, output["prompt_ids"].size(1)))
+        output.update(self._tokenize_teacher_prompts(teacher_prompts))
+        output["loss_mask"] = self._loss_mask(output)
+        if self._sp_group is not None:  # the sequence-parallel group trains on its first rank's sequences
+            output = sequence_parallel.sp_broadcast_batch(output, self._sp_group, self.accelerator.device)
+        # The loss is a sum over tokens divided by the global number of loss tokens (all ranks, all micro-batches of
+        # this generation batch), so gradient accumulation 4x1 and 1x4 give the same update.
+        output["num_items_in_batch"] = self.accelerator.gather(output["loss_mask"].sum()).sum()
+        self._log_prompt_lengths(output, truncated_before)
+        return output
+
+    def _check_generation_batch(self, inputs):
+        """Map-style datasets were checked row by row at construction; an iterable one is checked here, per batch.
+        (Also a map-style set handed to `evaluate()` later, never checked: its rows carry no stream position.)"""
         split = "train_dataset" if self.model.training else "eval_dataset"
         streamed = STREAM_ROW_COLUMN in inputs[0]
         where = f"{split} (streamed; checked" if streamed else f"the generation batch ({split}"
-        self._check_rows(inputs, column, f"{where} at global step {self.state.global_step}):")
-        teacher_prompts = [row[column] for row in inputs]
-        if self.args.short_prompt_ratio > 0 and self.model.training:
-            # Anchor rows: the student generates from the short prompt too, so the frozen teacher keeps it where it was.
-            # Keyed on checkpointed state (the optimizer step, and the micro-step within it), not on `self._step`,
-            # which restarts at 0 on resume; in an uninterrupted run the two are equal.
-            micro_step = self.state.global_step * self.args.gradient_accumulation_steps
-            micro_step += self._step % self.args.gradient_accumulation_steps
-            rng = random.Random(self.args.seed * 1_000_003 + micro_step)
-            num_short = round(self.args.short_prompt_ratio * len(inputs))
-            short_rows = set(rng.sample(range(len(inputs)), num_short))
-            inputs = [{**row, "prompt": row[column]} if i in short_rows else row for i, row in enumerate(inputs)]
-        mode = "train" if self.model.training else "eval"
-        truncated_before = dict(self._truncations)
+        self._check_rows(inputs, self.args.teacher_prompt_column, f"{where} at global step {self.state.global_step}):")
 
-        output = super()._generate_and_score_completions(inputs)
+    def _anchor_rows(self, inputs):
+        """Anchor rows: the student generates from the short prompt too, so the frozen teacher keeps it where it was.
+        Keyed on checkpointed state (the optimizer step, and the micro-step within it), not on `self._step`, which
+        restarts at 0 on resume; in an uninterrupted run the two are equal."""
+        column = self.args.teacher_prompt_column
+        micro_step = self.state.global_step * self.args.gradient_accumulation_steps
+        micro_step += self._step % self.args.gradient_accumulation_steps
+        rng = random.Random(self.args.seed * 1_000_003 + micro_step)
+        num_short = round(self.args.short_prompt_ratio * len(inputs))
+        short_rows = set(rng.sample(range(len(inputs)), num_short))
+        return [{**row, "prompt": row[column]} if i in short_rows else row for i, row in enumerate(inputs)]
 
-        device = self.accelerator.device
+    @contextlib.contextmanager
+    def _keeping_generation_cache(self):
+        """With `context_gradient="none"`, keep the keys/values HF generate computes for the prompt: TRL's generation
+        returns token ids only, so `generate` is wrapped (on this model instance, for this call) to return its cache
+        too. Yields a list that holds the cache after exactly one `generate` call (not with vLLM or tool calls)."""
+        kept = []
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        if self.args.context_gradient != "none" or self.use_vllm or self.tools or not hasattr(model, "generate"):
+            yield kept
+            return
+        generate = model.generate
+
+        def generate_keeping_cache(*args, **kwargs):
+            generation_config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+            generation_config.return_dict_in_generate = True
+            out = generate(*args, **{**kwargs, "generation_config": generation_config})
+            # transformers 5.25 names the output's cache `cache` (older 5.x: `past_key_values`)
+            kept.append(out["cache"] if "cache" in out else out.get("past_key_values"))
+            return out.sequences
+
+        model.generate = generate_keeping_cache
+        try:
+            yield kept
+        finally:
+            del model.generate  # back to the class's method
+
+    def _context_kv_from_generation(self, kept, prompt_width: int) -> dict:
+        """The prompt's keys/values of positions 0 .. P-2 as batch entries, stamped with the optimizer step (the
+        weights) they were computed at; `{}` when generation gave none (the loss then prefills)."""
+        if len(kept) != 1 or kept[0] is None:
+            return {}
+        batch = context_cache.cache_to_batch(kept[0], prompt_width - 1)
+        if batch:
+            batch[context_cache.CONTEXT_KV_STEP] = torch.tensor(self.state.global_step, device=self.accelerator.device)
+        return batch
+
+    def _tokenize_teacher_prompts(self, teacher_prompts) -> dict:
         teacher_ids_list, _, _ = super()._tokenize_prompts(teacher_prompts)
         teacher_ids_list = self._fit(
             teacher_ids_list, teacher_prompts, self.args.max_teacher_prompt_length, "teacher_prompt"
         )
         teacher_ids = [torch.tensor(ids) for ids in teacher_ids_list]
-        pad_id = self._tokenizer.pad_token_id
-        output["teacher_prompt_ids"] = pad(teacher_ids, padding_value=pad_id, padding_side="left").to(device)
-        output["teacher_prompt_mask"] = pad(
-            [torch.ones_like(t) for t in teacher_ids], padding_value=0, padding_side="left"
-        ).to(device)
+        device = self.accelerator.device
+        return {
+            "teacher_prompt_ids": pad(teacher_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(
+                device
+            ),
+            "teacher_prompt_mask": pad(
+                [torch.ones_like(t) for t in teacher_ids], padding_value=0, padding_side="left"
+            ).to(device),
+        }
 
+    def _loss_mask(self, output):
         loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
         if self.args.exclude_eos_from_loss:
-            is_eos = torch.isin(output["completion_ids"], torch.tensor(self.eos_token_ids, device=device))
-            loss_mask = loss_mask * (~is_eos).long()
-        output["loss_mask"] = loss_mask
-        if self._sp_group is not None:  # the sequence-parallel group trains on its first rank's sequences
-            output = sequence_parallel.sp_broadcast_batch(output, self._sp_group, device)
-        # The loss is a sum over tokens divided by the global number of loss tokens (all ranks, all micro-batches of
-        # this generation batch), so gradient accumulation 4x1 and 1x4 give the same update.
-        output["num_items_in_batch"] = self.accelerator.gather(output["loss_mask"].sum()).sum()
+            eos = torch.tensor(self.eos_token_ids, device=loss_mask.device)
+            loss_mask = loss_mask * (~torch.isin(output["completion_ids"], eos)).long()
+        return loss_mask
 
+    def _log_prompt_lengths(self, output, truncated_before):
         prompt_lengths = self.accelerator.gather(output["prompt_mask"].sum(1)).float()
         teacher_lengths = self.accelerator.gather(output["teacher_prompt_mask"].sum(1)).float()
         not_shorter = (teacher_lengths >= prompt_lengths).sum().item()
@@ -419,17 +476,16 @@ class OPSDLTrainer(DistillationTrainer):
                 f"{int(not_shorter)} of {len(prompt_lengths)} rows in this batch have a teacher prompt as long as or "
                 "longer than the prompt: the teacher then has no advantage over the student and OPSDL learns "
                 "nothing from them. Check the teacher prompt column (counted in opsdl/teacher_not_shorter).",
-                stacklevel=2,
+                stacklevel=3,
             )
-        metrics = self._metrics[mode]
+        metrics = self._metrics["train" if self.model.training else "eval"]
         metrics["opsdl/prompt_length"].append(prompt_lengths.mean().item())
         metrics["opsdl/teacher_prompt_length"].append(teacher_lengths.mean().item())
         metrics["opsdl/teacher_to_prompt_ratio"].append((teacher_lengths / prompt_lengths.clamp(min=1)).mean().item())
         metrics["opsdl/teacher_not_shorter"].append(not_shorter)
         for what in ("prompt", "teacher_prompt"):
-            cut = torch.tensor(self._truncations[what] - truncated_before[what], device=device)
+            cut = torch.tensor(self._truncations[what] - truncated_before[what], device=self.accelerator.device)
             metrics[f"opsdl/truncated_{what}s"].append(self.accelerator.gather(cut).sum().item())
-        return output
 
     # ---- loss: student on long prompt + completion, teacher on short prompt + the same completion --------------
 
@@ -457,6 +513,25 @@ class OPSDLTrainer(DistillationTrainer):
             )
             return hidden_BKH, unwrapped_teacher
 
+    def _completion_hidden_states(self, unwrapped_student, inputs, input_ids, attention_mask):
+        """`context_gradient="none"`: the student's hidden states at the completion positions, the context's keys and
+        values taken from generation (same weights: same optimizer step) or else prefilled without gradient."""
+        logits_to_keep = inputs["completion_ids"].size(1)
+        backbone = unwrapped_student
+        if is_peft_model(backbone):
+            backbone = backbone.base_model.model
+        backbone = backbone.base_model  # the decoder stack without `lm_head`, as TRL's `_get_last_hidden_state`
+        kv_by_layer, step = context_cache.pop_context_kv(inputs)
+        if kv_by_layer is None or step != self.state.global_step:  # none kept, or the optimizer stepped since
+            context_len = input_ids.size(1) - logits_to_keep - 1
+            kv_by_layer = context_cache.prefill(
+                backbone,
+                input_ids[:, :context_len],
+                attention_mask[:, :context_len],
+                self.args.context_prefill_chunk_size,
+            )
+        return context_cache.completion_hidden_states(backbone, kv_by_layer, input_ids, attention_mask, logits_to_keep)
+
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         # The parent runs its teacher on the student's own input ids. Here the teacher sees the short prompt + the same
         # completion tokens; only completion positions are projected to the vocabulary, in chunks.
@@ -475,6 +550,10 @@ class OPSDLTrainer(DistillationTrainer):
             student_hidden_BKH = sequence_parallel.sp_student_hidden_states(
                 unwrapped_student, input_ids, attention_mask, logits_to_keep, self._sp_group
             )
+        elif self.args.context_gradient == "none":
+            # The context's keys/values are constants (see trl_opsdl/context_cache.py): the forward with gradient
+            # runs over the completion positions only, attending to them.
+            student_hidden_BKH = self._completion_hidden_states(unwrapped_student, inputs, input_ids, attention_mask)
         else:
             student_hidden_BKH = self._get_last_hidden_state(
                 unwrapped_student, input_ids, attention_mask, logits_to_keep
