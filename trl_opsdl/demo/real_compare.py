@@ -106,6 +106,14 @@ REAL_COMPARE_METHODS = {
         "short_prompt_ratio": 0.5,
         "extra": {"beta": 0.0},
     },
+    # The default recipe with the long context's keys/values as constants (`context_gradient="none"`): the student's
+    # forward/backward over the completion only.
+    "opsdl_topk_lr_3e-4_anchors_context_none": {
+        "distillation_mode": "topk_logits",
+        "learning_rate": 3e-4,
+        "short_prompt_ratio": 0.5,
+        "extra": {"context_gradient": "none"},
+    },
 }
 
 
