@@ -399,7 +399,7 @@ def environment(device_name: str) -> dict:
 
 
 def planner_estimate(config, context_length, completion_length, gradient_checkpointing, dtype, device, gpu_gib,
-                     lora_rank=16):  # fmt: skip
+                     lora_rank=16, context_gradient="full"):  # fmt: skip
     """`trl-opsdl plan`'s per-GPU estimate for one GPU, no DeepSpeed, batch 1, `base` teacher: the phase peaks and the
     components, in bytes."""
     from trl_opsdl import planner
@@ -416,6 +416,7 @@ def planner_estimate(config, context_length, completion_length, gradient_checkpo
         dtype=dtype,
         device=device,
         teacher_kind="base",
+        context_gradient=context_gradient,
     )
     plan = planner.estimate(shape, run)
     return {
@@ -867,7 +868,7 @@ def instrument_opsdl(trainer, device, completions, phases):
     trainer._teacher_hidden_states = teacher_measured
 
 
-def train_opsdl(setup, device, length, completion, steps, gc_policy, completions, output_dir):
+def train_opsdl(setup, device, length, completion, steps, gc_policy, completions, output_dir, context_gradient="full"):
     import warnings
 
     from datasets import Dataset
@@ -886,7 +887,7 @@ def train_opsdl(setup, device, length, completion, steps, gc_policy, completions
             report_to="none", bf16=device.cuda, use_cpu=not device.cuda, disable_tqdm=True, shuffle_dataset=False,
             gradient_checkpointing=gc_policy != "none",
             activation_checkpointing_policy="selective" if gc_policy == "selective" else "full",
-            teacher_model_kind="base", seed=0,
+            teacher_model_kind="base", seed=0, context_gradient=context_gradient,
         )  # fmt: skip
     clock, phases = StepClock(device), []
     trainer = OPSDLTrainer(
@@ -954,7 +955,10 @@ def pristine(model):
             base_model.disable_input_require_grads()
 
 
-def opsdl_step_check(setup, shapes, device, length, gc_policy, completions, attn="sdpa"):
+def opsdl_step_check(setup, shapes, device, length, gc_policy, completions, attn="sdpa", context_gradient="full"):
+    # context_gradient="none": the completions are generated once per prompt and reused (so every configuration
+    # trains on the same tokens), so after the first step no generation cache is kept and the loss prefills the
+    # context without gradient: the figures are those of the prefill path (as after vLLM generation).
     steps, completion = shapes.steps[length], shapes.completion_length
     model = setup.model
     base_model = model.get_base_model()
@@ -966,7 +970,7 @@ def opsdl_step_check(setup, shapes, device, length, gc_policy, completions, attn
         allocated_before, resident = device.allocated(), resident_bytes(model)
         with pristine(model), tempfile.TemporaryDirectory() as out_dir:
             clock, phases, losses, sequence, ckpt_kwargs = train_opsdl(
-                setup, device, length, completion, steps, gc_policy, completions, out_dir
+                setup, device, length, completion, steps, gc_policy, completions, out_dir, context_gradient
             )
         device.cleanup()
         try:  # SFTTrainer holds the (L, V) logits: it may run out of memory where OPSDL did not
@@ -999,7 +1003,7 @@ def opsdl_step_check(setup, shapes, device, length, gc_policy, completions, attn
 
     def plan(checkpointing):
         return planner_estimate(setup.config, length, completion, checkpointing, setup.dtype_name, device_kind,
-                                setup.gpu_gib)["phases"]  # fmt: skip
+                                setup.gpu_gib, context_gradient=context_gradient)["phases"]  # fmt: skip
 
     planned_phases = plan(gc_policy != "none")
     planned = {
@@ -1279,6 +1283,9 @@ def main(argv=None):
                     continue
             needs_model(check_id, "opsdl_step", estimates[length], opsdl_step_check, shapes, device, length,
                         policy, completions)  # fmt: skip
+        # The long prompt's keys/values without gradient (`context_gradient="none"`), full checkpointing as the default
+        needs_model(f"opsdl_step/{long}/full/sdpa/context_none", "opsdl_step", estimates[long], opsdl_step_check,
+                    shapes, device, long, "full", completions, "sdpa", "none")  # fmt: skip
         check_id = f"opsdl_step/{long}/full/flash_attention_2"
         if importlib.util.find_spec("flash_attn") is None:
             results.skip(check_id, "opsdl_step", "flash-attn not installed (sdpa on CUDA uses PyTorch's own "

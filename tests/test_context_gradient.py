@@ -61,9 +61,7 @@ def assert_same(result, expected):
 
 def build(tmp_path, mode="full_logits", peft=False, **kwargs):
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if peft else None
-    trainer = trainer_for(
-        tmp_path, distillation_mode=mode, context_gradient="none", peft_config=peft_config, **kwargs
-    )
+    trainer = trainer_for(tmp_path, distillation_mode=mode, context_gradient="none", peft_config=peft_config, **kwargs)
     move_student_away(trainer)
     return trainer
 

@@ -44,6 +44,7 @@ def test_tiny_run_has_one_entry_per_check_with_status_and_figures(tiny_run):
     assert parity <= set(checks)
     assert {"loss_memory/48x320", "loss_memory/96x320", "setup/model", "generation/256"} <= set(checks)
     steps = {f"opsdl_step/{n}/{policy}/sdpa" for n in (64, 256) for policy in ("none", "full", "selective")}
+    steps.add("opsdl_step/256/full/sdpa/context_none")  # the prompt's keys/values without gradient
     assert steps <= set(checks)
     for entry in checks.values():
         assert entry["status"] in gpu_check.STATUSES, entry

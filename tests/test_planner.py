@@ -155,6 +155,37 @@ def test_generation_switches(qwen7b):
     )
 
 
+def test_context_gradient_none_keeps_the_context_keys_values_instead_of_its_activations(qwen7b):
+    run = RunShape(context_length=32768, completion_length=512, num_gpus=1, zero_stage=0, lora_rank=16,
+                   gradient_checkpointing=False, gradient_accumulation_steps=2)  # fmt: skip
+    full = estimate(qwen7b, run)
+    none = estimate(qwen7b, RunShape(**{**run.__dict__, "context_gradient": "none"}))
+    # the forward with gradient covers the 512 completion positions, not the 33,280 of prompt + completion
+    assert none.components["activations"] == pytest.approx(full.components["activations"] * 512 / 33280)
+    # kept from generation for both micro-batches (4 key/value heads), and one micro-batch's context + completion
+    # keys/values saved by each layer's attention, repeated to the 28 query heads by transformers' SDPA path
+    kept = 2 * 28 * 128 * 2 * 4 * 32768 * 2
+    saved = 2 * 28 * 128 * 2 * 28 * (32768 + 512)
+    assert none.components["context keys/values (context_gradient none)"] == kept + saved
+    assert full.components["context keys/values (context_gradient none)"] == 0
+    assert none.phases["backward"] < full.phases["backward"] / 4
+    assert none.components["generation KV cache"] == full.components["generation KV cache"]
+    # after vLLM generation nothing is kept from it: each micro-batch prefills its context, 4096 tokens at a time
+    server = estimate(qwen7b, RunShape(**{**run.__dict__, "context_gradient": "none", "generation": "vllm-server"}))
+    assert server.components["context keys/values (context_gradient none)"] == kept / 2 + saved
+    assert "context prefill" in server.phases and "context prefill" not in none.phases
+
+
+def test_plan_cli_takes_context_gradient(capsys):
+    args = ["plan", "--model", FIXTURE_7B, "--context-length", "32768", "--num-gpus", "1", "--zero-stage", "0",
+            "--lora-rank", "16", "--no-gradient-checkpointing"]  # fmt: skip
+    assert main([*args, "--context-gradient", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "context keys/values without gradient" in out and "Peak:" in out and "FITS" in out
+    assert main([*args, "--context-gradient", "none", "--sp-size", "2", "--num-gpus", "2"]) == 2
+    assert "sp_size=2 has nothing to split" in capsys.readouterr().err
+
+
 def test_cheapest_fit_fits_and_prefers_no_checkpointing_when_memory_allows(qwen7b):
     run = RunShape(context_length=1024, num_gpus=8, zero_stage=3, gradient_checkpointing=True)
     best = cheapest_fit(qwen7b, run)
@@ -183,6 +214,9 @@ def test_cheapest_fit_adds_gpus_when_one_cannot_hold_it(qwen7b):
         ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0"),
         ({"prefill_chunk_size": 0}, "prefill_chunk_size=0"),
         ({"generation": "vllm"}, "generation='vllm'"),
+        ({"context_gradient": "partial"}, "context_gradient='partial'"),
+        ({"context_gradient": "none", "sp_size": 2, "num_gpus": 2}, "sp_size=2 has nothing to split"),
+        ({"context_prefill_chunk_size": 0}, "context_prefill_chunk_size=0"),
     ],
 )
 def test_bad_runs_are_refused_with_the_value(qwen7b, overrides, message):

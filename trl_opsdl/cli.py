@@ -683,6 +683,13 @@ def _add_plan(subparsers):
         default=None,
         help="Prefill the prompt N tokens at a time (generation_kwargs={'prefill_chunk_size': N}).",
     )
+    p.add_argument(
+        "--context-gradient",
+        choices=("full", "none"),
+        default="full",
+        help="context_gradient: 'none' keeps the prompt's keys/values without gradient (the student's forward and "
+        "backward over the completion only).",
+    )
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the CPU path (calibration).")
     p.set_defaults(run=_run_plan)
 
@@ -717,6 +724,7 @@ def _run_plan(args):
         teacher_kind=args.teacher_kind,
         generation=args.generation,
         prefill_chunk_size=args.prefill_chunk_size,
+        context_gradient=args.context_gradient,
     )
     model = load_model_shape(args.model)
     plan = estimate(model, run)

@@ -5,7 +5,9 @@ The estimate follows the real `OPSDLTrainer` step, phase by phase:
 1. generation: the long prompt + completion, whole on every rank (KV cache, one prefill layer at a time);
 2. teacher no-grad forward on the short prompt + the same completion (one layer's temporaries at a time);
 3. student forward on prompt + completion, activations kept for the backward (all of them, or one checkpoint per
-   layer with gradient checkpointing), split `sp_size` ways with sequence parallelism;
+   layer with gradient checkpointing), split `sp_size` ways with sequence parallelism; with `context_gradient="none"`
+   over the completion only, attending to the prompt's keys/values kept from generation (or prefilled, chunked, after
+   vLLM generation), each layer's attention saving the context's keys/values + the completion's for the backward;
 4. the chunked loss over the `N` completion positions, never the `[N, vocab]` logits: on GPUs TRL's
    `ChunkedDivergenceFunction` (`[min(N, 4096), 32768]` fp32 tiles), on CPU `loss_utils.FusedReverseKL`;
 5. backward (the loss's fp32 `lm_head` gradient, then the backbone, one recomputed layer at a time with
@@ -34,6 +36,7 @@ DEVICES = ("cuda", "cpu")
 # `ds3_gather_for_generation=True`), HF generate gathering layer by layer (`ds3_gather_for_generation=False`), or a
 # vLLM server on other GPUs (`use_vllm=True, vllm_mode="server"`: nothing generated on the training GPUs).
 GENERATION_MODES = ("gathered", "sharded", "vllm-server")
+CONTEXT_GRADIENTS = ("full", "none")  # OPSDLConfig.context_gradient
 # CUDA context, NCCL and cuBLAS workspaces (fixed), plus an allowance for allocator fragmentation (share of the GPU).
 CUDA_RESERVE_BYTES = 2 * GIB
 FRAGMENTATION_SHARE = 0.05
@@ -157,6 +160,8 @@ class RunShape:
     teacher_kind: str = "base"
     generation: str = "gathered"
     prefill_chunk_size: int | None = None  # generation_kwargs={"prefill_chunk_size": N}: the prompt N tokens at a time
+    context_gradient: str = "full"  # OPSDLConfig.context_gradient
+    context_prefill_chunk_size: int = 4096  # OPSDLConfig.context_prefill_chunk_size (used after vLLM generation)
 
     @property
     def teacher_length(self) -> int:
@@ -176,6 +181,8 @@ class RunShape:
             parts.append(f"--generation {self.generation}")
         if self.prefill_chunk_size:
             parts.append(f"--prefill-chunk-size {self.prefill_chunk_size}")
+        if self.context_gradient != "full":
+            parts.append(f"--context-gradient {self.context_gradient}")
         return " ".join(parts)
 
     def describe(self) -> str:
@@ -190,7 +197,8 @@ class RunShape:
         generation = "" if self.generation == "gathered" else f", generation {self.generation}"
         if self.prefill_chunk_size:
             generation += f", prefill in chunks of {self.prefill_chunk_size}"
-        return f"{self.num_gpus} GPU(s), {zero}, {training}, {checkpointing}{sp}{generation}"
+        context = ", context keys/values without gradient" if self.context_gradient == "none" else ""
+        return f"{self.num_gpus} GPU(s), {zero}, {training}, {checkpointing}{sp}{generation}{context}"
 
 
 @dataclass
@@ -254,6 +262,15 @@ def validate_run(model: ModelShape, run: RunShape) -> None:
         raise ValueError(f"prefill_chunk_size={run.prefill_chunk_size} must be at least 1 token, or None.")
     if run.generation not in GENERATION_MODES:
         raise ValueError(f"generation={run.generation!r} is not one of {GENERATION_MODES}.")
+    if run.context_gradient not in CONTEXT_GRADIENTS:
+        raise ValueError(f"context_gradient={run.context_gradient!r} is not one of {CONTEXT_GRADIENTS}.")
+    if run.context_prefill_chunk_size < 1:
+        raise ValueError(f"context_prefill_chunk_size={run.context_prefill_chunk_size} must be at least 1 token.")
+    if run.context_gradient == "none" and run.sp_size > 1:
+        raise ValueError(
+            f"context_gradient='none' runs no forward with gradient over the long prompt: sp_size={run.sp_size} has "
+            "nothing to split. Use sp_size 1, or context_gradient 'full'."
+        )
     if run.num_gpus % run.sp_size:
         raise ValueError(
             f"sp_size={run.sp_size} must divide num_gpus={run.num_gpus}: each sequence-parallel group is sp_size GPUs."
@@ -319,6 +336,11 @@ def _prefill_bytes(model: ModelShape, run: RunShape, batch: int, total_tokens: i
     return transient
 
 
+def student_tokens_full(run: RunShape) -> int:
+    """Positions one micro-batch's attention reads: the whole prompt + completion, per row, times the batch."""
+    return run.batch_size * (run.context_length + run.completion_length)
+
+
 def _loss_bytes(model: ModelShape, run: RunShape, lm_head_trainable: bool) -> tuple:
     """Forward and backward bytes of TRL's chunked divergence over the completion positions (unsplit by SP)."""
     b = DTYPE_BYTES[run.dtype]
@@ -382,7 +404,9 @@ def estimate(model: ModelShape, run: RunShape) -> Plan:
         teacher_weights = psi * b / n_gpus if zero == 3 else psi * b  # a frozen copy (or the EMA copy)
 
     # --- activations and the forward passes ---
-    student_tokens = run.batch_size * (run.context_length + run.completion_length)
+    none = run.context_gradient == "none"
+    # "none": the forward with gradient covers the completion positions only (the last prompt token + completion)
+    student_tokens = run.batch_size * (run.completion_length if none else run.context_length + run.completion_length)
     local_tokens = -(-student_tokens // run.sp_size)  # sequence parallelism splits the student sequence
     activations, layer_activations = activation_bytes(model, run, local_tokens, run.gradient_checkpointing)
     activations_other, _ = activation_bytes(model, run, local_tokens, not run.gradient_checkpointing)
@@ -411,22 +435,40 @@ def estimate(model: ModelShape, run: RunShape) -> Plan:
     else:
         gathered_for_generation = 0
 
+    # --- "none": the context's keys/values, from the teacher forward to the last micro-step's backward ---
+    context_kv = context_saved = context_prefill = 0
+    if none:
+        kv_per_token = 2 * model.num_layers * model.head_dim * b
+        # Kept from generation for the whole generation batch (TRL splits it into micro-batches after generating);
+        # after vLLM generation nothing is kept and each micro-batch prefills its own, chunk by chunk.
+        kept_rows = run.batch_size if run.generation == "vllm-server" else generation_batch
+        context_kv = kv_per_token * model.num_kv_heads * run.context_length * kept_rows
+        # Each layer's attention saves its keys/values (context + completion) for the backward; transformers' SDPA path
+        # repeats them to the query head count first (a mask is needed: queries and keys differ in length).
+        context_saved = kv_per_token * model.num_heads * student_tokens_full(run)
+        if run.generation == "vllm-server":
+            context_prefill = _no_grad_forward_bytes(
+                model, run, run.batch_size * min(run.context_length, run.context_prefill_chunk_size)
+            )
+
     resident = weights + teacher_weights + optimizer + (gradients if resident_gradients else 0)
-    training = resident + zero3_gathered
+    training = resident + zero3_gathered + context_kv
     lm_head_grad = 0 if (lora or resident_gradients) else model.lm_head_params * b
     phases = {
         "generation": resident + gathered_for_generation + kv_cache + prefill + last_logits,
         # OPSDLTrainer runs the teacher first, so its temporaries never meet the student's activations
         "teacher forward": training + teacher_forward,
-        "loss": training + activations + teacher_hidden + loss_forward,
+        "loss": training + context_saved + activations + teacher_hidden + loss_forward,
         "backward": training
         + max(
-            activations + loss_backward,  # the loss backward, before the backbone's
-            activations + recompute + lm_head_grad + backward_transient,  # the last layer's backward
+            context_saved + activations + loss_backward,  # the loss backward, before the backbone's
+            context_saved + activations + recompute + lm_head_grad + backward_transient,  # the last layer's backward
             (0 if resident_gradients else gradients) + layer_activations + backward_transient,  # the first layer's
         ),
         "optimizer step": resident + (0 if resident_gradients else gradients),
     }
+    if context_prefill:
+        phases["context prefill"] = training + context_prefill
     components = {
         "weights (student)": weights,
         "weights (teacher)": teacher_weights,
@@ -435,6 +477,7 @@ def estimate(model: ModelShape, run: RunShape) -> Plan:
         "ZeRO-3 gathered parameters": zero3_gathered,
         "activations": activations,
         "recomputed layer (checkpointing)": recompute,
+        "context keys/values (context_gradient none)": context_kv + context_saved,
         "chunked loss": max(loss_forward, loss_backward),
         "teacher forward": teacher_forward + teacher_hidden,
         "generation KV cache": kv_cache,

@@ -51,6 +51,8 @@ def candidate_runs(model: ModelShape, run: RunShape, max_gpus: int = 64):
                     for sp in range(1, num_gpus + 1):
                         if num_gpus % sp or (sp > 1 and sequence_parallel_problem(model, sp)):
                             continue
+                        if sp > 1 and run.context_gradient == "none":  # nothing long runs with gradient to split
+                            continue
                         yield replace(
                             run,
                             num_gpus=num_gpus,
