@@ -3,6 +3,7 @@
 
 import argparse
 import dataclasses
+import sys
 
 
 def int_list(text: str) -> list[int]:
@@ -56,3 +57,14 @@ def select_methods(parser: argparse.ArgumentParser, methods: dict, text: str | N
     if unknown or not wanted:
         parser.error(f"--methods {unknown or text!r} not in the set; choose from {', '.join(methods)}.")
     return {m: methods[m] for m in wanted}
+
+
+def report_bad_settings(script: str, work) -> int:
+    """Run `work()`; a `ValueError` (a bad setting: the library refuses it, naming the value, before any work) is one
+    line on stderr and exit status 2."""
+    try:
+        work()
+    except ValueError as error:
+        print(f"{script}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

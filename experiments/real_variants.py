@@ -18,7 +18,13 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `options`, `step_timing` beside this file
-from options import add_config_options, add_run_options, config_overrides, select_methods  # noqa: E402
+from options import (  # noqa: E402
+    add_config_options,
+    add_run_options,
+    config_overrides,
+    report_bad_settings,
+    select_methods,
+)
 from step_timing import StepTimer, host_speed  # noqa: E402
 
 
@@ -138,12 +144,9 @@ def main(argv=None) -> int:
     from trl_opsdl.demo.real_compare import run_real_compare
 
     args, config, methods = parse_args(argv)
-    try:
-        run_real_compare(config, methods, tuple(args.seeds), instrument=timed)
-    except ValueError as error:  # a bad setting: the library's one line, before any work
-        print(f"real_variants.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return report_bad_settings(
+        "real_variants.py", lambda: run_real_compare(config, methods, tuple(args.seeds), instrument=timed)
+    )
 
 
 if __name__ == "__main__":

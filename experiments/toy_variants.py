@@ -16,7 +16,13 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `options` beside this file, however it is started
-from options import add_config_options, add_run_options, config_overrides, select_methods  # noqa: E402
+from options import (  # noqa: E402
+    add_config_options,
+    add_run_options,
+    config_overrides,
+    report_bad_settings,
+    select_methods,
+)
 
 
 # A method is `trainer` (opsdl | sft_gold | sft_self | dpo) plus `DemoConfig` fields that differ from the demo's.
@@ -76,12 +82,10 @@ def main(argv=None) -> int:
     from trl_opsdl.demo.compare import run_compare
 
     args, config, methods = parse_args(argv)
-    try:
-        run_compare(config, methods, seeds=tuple(args.seeds), eval_every=args.eval_every, name=args.set)
-    except ValueError as error:  # a bad setting: the library's one line, before any work
-        print(f"toy_variants.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    seeds = tuple(args.seeds)
+    return report_bad_settings(
+        "toy_variants.py", lambda: run_compare(config, methods, seeds, eval_every=args.eval_every, name=args.set)
+    )
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ class OPSDLConfig(DistillationConfig):
             `"full"`: only its input; the whole layer is recomputed in the backward (the parent's behaviour).
             `"selective"`: the outputs of matmuls and attention; only the elementwise ops (norms, rotary, activation,
             products) are recomputed — more memory than `"full"`, about a fifth less than no checkpointing, for no
-            extra matmul or attention FLOPs (see `trl_opsdl.checkpointing` for measured times). Needs non-reentrant
+            extra matmul or attention FLOPs (docs/scaling.md has its measured cost). Needs non-reentrant
             checkpointing.
 
         > Parameters that control sequence parallelism

@@ -218,7 +218,7 @@ def _ruler_pairs(config: RealDemoConfig, tokenizer, essays: list[str], lengths, 
     from ..data.ruler import build_ruler
 
     # Whole essay sentences are the filler's units, and some run to ~60 tokens: a prompt can stop that far below its
-    # target (458 of 512 tokens measured), past RULER's usual 5%.
+    # target, past RULER's usual 5%.
     return build_ruler(tokenizer, tasks=[config.task], lengths=lengths, num_samples=num, seed=seed,
                        conversational=True, filler="\n\n".join(essays), value_type="words", tolerance=0.15)  # fmt: skip
 
