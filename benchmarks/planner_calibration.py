@@ -22,6 +22,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.tiny_models`, the tests' tiny-model factory
 
 
 SMALL_MODEL = {
@@ -76,14 +80,14 @@ def _profiled_peak(fn) -> int:
 
 
 def _word_tokenizer(vocab_size: int):
-    from trl_opsdl.demo.model import SPECIAL_TOKENS, word_level_tokenizer
+    from tests.tiny_models import SPECIAL_TOKENS, word_level_tokenizer
 
     return word_level_tokenizer([f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))])
 
 
 def _small_model():
-    """`SMALL_MODEL`, randomly initialised with seed 0, from the package's one tiny-Llama factory."""
-    from trl_opsdl.demo.model import tiny_llama
+    """`SMALL_MODEL`, randomly initialised with seed 0, from the tests' tiny-Llama factory."""
+    from tests.tiny_models import tiny_llama
 
     m = SMALL_MODEL
     return tiny_llama(
@@ -104,7 +108,7 @@ def _worker(prompt_length, completion_length, gradient_checkpointing, step, meas
     from datasets import Dataset
     from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
-    import trl_opsdl.demo.model  # noqa: F401 - the factories' imports come before the memory baseline too
+    import tests.tiny_models  # noqa: F401 - the factories' imports come before the memory baseline too
     from trl_opsdl import OPSDLConfig, OPSDLTrainer
 
     rss_before = _rss_bytes()  # after the imports: their code and data are no part of a training step

@@ -20,6 +20,8 @@ student's own log-probs, which the advantage is the difference of. Log-probs at 
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 
 def _reply_logprobs(model, prompt_ids_P, replies_KR, pad):
@@ -85,8 +87,10 @@ def main(argv=None):
     from trl_opsdl.evaluation import contains_answer
     from trl_opsdl.gguf import prepare_model
     from trl_opsdl.pypi_sources import squad_path
-    from trl_opsdl.timing import host_speed
     from trl_opsdl.tokenization import prompt_ids
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the experiments' step timer
+    from step_timing import host_speed
 
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)

@@ -5,7 +5,7 @@
 
 Runs `--steps` OPSDLTrainer steps with the `demo --real` recipe (its task, prompts and defaults: LoRA r=16, loss mode,
 learning rate, share of short-prompt anchor rows; every long prompt at `--length` tokens) and times each phase with
-`trl_opsdl.timing.StepTimer` (generation / teacher forward / student forward+backward / optimizer); records each
+`StepTimer` (experiments/step_timing.py) (generation / teacher forward / student forward+backward / optimizer); records each
 row's prompt as the student read it (long, or short for an anchor row) and its sampled completion; then runs the same
 number of `SFTTrainer` steps (same LoRA, batch, learning rate) on exactly those sequences, in the same process.
 Prints both and the ratio, and writes a JSON.
@@ -13,7 +13,9 @@ Prints both and the ratio, and writes a JSON.
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 
 def main(argv=None):
@@ -39,7 +41,9 @@ def main(argv=None):
     from trl_opsdl import OPSDLConfig, OPSDLTrainer
     from trl_opsdl.demo.config import RealDemoConfig
     from trl_opsdl.demo.real import prepare, train_dataset
-    from trl_opsdl.timing import StepTimer, host_speed
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the experiments' step timer
+    from step_timing import StepTimer, host_speed
 
     torch.set_num_threads(args.num_threads)
     config = RealDemoConfig(model=args.model, task=args.task, squad=args.squad, essays=args.essays,

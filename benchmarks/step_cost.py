@@ -45,6 +45,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.tiny_models`, the tests' tiny-model factory
 
 
 VARIANTS = ("floor", "naive", "trl_distillation", "opsdl", "opsdl_base", "opsdl_gc", "opsdl_sac")
@@ -57,7 +61,7 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
 def build_model(seed: int, max_length: int):
-    from trl_opsdl.demo.model import tiny_llama  # the package's one tiny-Llama factory
+    from tests.tiny_models import tiny_llama  # the tests' tiny-Llama factory
 
     model_kwargs = dict(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, vocab_size=VOCAB_SIZE)
     return tiny_llama(None, seed, max_position_embeddings=max_length, tie_word_embeddings=False,
@@ -66,7 +70,7 @@ def build_model(seed: int, max_length: int):
 
 def build_tokenizer():
     """A word-level tokenizer of 32K words `w4`..`w31999`: a prompt of n words is exactly n tokens."""
-    from trl_opsdl.demo.model import word_level_tokenizer
+    from tests.tiny_models import word_level_tokenizer
 
     return word_level_tokenizer([f"w{i}" for i in range(len(SPECIAL_TOKENS), VOCAB_SIZE)])
 

@@ -1,9 +1,9 @@
 """Shared test helpers and fixtures: tiny offline models and tokenizers (nothing is downloaded), data rows, and an
 `OPSDLTrainer` on them.
 
-The tokenizer and model come from the library's own factories (`trl_opsdl.demo.model.word_level_tokenizer` and
-`tiny_llama`), which the demo and the benchmarks use too. Plain helpers are imported (`from tests.conftest import
-trainer_for`) by tests and by the multi-process workers; fixtures wrap the common ones.
+The tokenizer and model come from the tests' own factories (`tests.tiny_models`: `word_level_tokenizer` and
+`tiny_llama`), which the benchmarks use too. Plain helpers are imported (`from tests.conftest import trainer_for`) by
+tests and by the multi-process workers; fixtures wrap the common ones.
 """
 
 import string
@@ -13,8 +13,8 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from tests.tiny_models import SPECIAL_TOKENS, tiny_llama, word_level_tokenizer
 from trl_opsdl import OPSDLConfig, OPSDLTrainer
-from trl_opsdl.demo.model import SPECIAL_TOKENS, tiny_llama, word_level_tokenizer
 
 
 WORDS = (

@@ -1,4 +1,4 @@
-"""The demo: the key-value builder, the tiny model and its pretraining, scoring, and the demo / compare pipelines.
+"""The demo: the key-value builder, the demo model and its pretraining, scoring, and the demo / compare pipelines.
 
 Accuracy thresholds are checked by running the demo (docs/demo.md), never here: these tests use tiny settings.
 """
@@ -260,7 +260,9 @@ def test_demo_end_to_end_writes_results_and_plot(tmp_path, tiny_demo_model):
 def test_compare_end_to_end_aggregates_seeds(tmp_path, tiny_demo_model):
     from trl_opsdl.demo import COMPARE_METHODS, run_compare
 
-    methods = {m: COMPARE_METHODS[m] for m in ("opsdl", "sft_gold", "sft_self", "dpo_longpo")}
+    # `--compare`'s methods, plus TRL's SFT on the labels: every trainer a method can name
+    methods = {**COMPARE_METHODS, "sft_gold": {"trainer": "sft_gold"}}
+    assert {spec.get("trainer", "opsdl") for spec in COMPARE_METHODS.values()} == {"opsdl", "sft_self", "dpo"}
     config = _tiny_config(tmp_path, tiny_demo_model)
     results = run_compare(config, methods, seeds=(0, 1), eval_every=1, curve_examples=3, log=lambda _: None)
     out = tmp_path / "out"

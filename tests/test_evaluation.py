@@ -214,12 +214,12 @@ class Reporter(TrainerCallback):
         self.logs.append(dict(logs))
 
 
-def lm_trainer(tmp_path, tokenizer, callbacks):
+def lm_trainer(tmp_path, tokenizer, callbacks, logging_steps=100):
     model = tiny_model(tokenizer)
     ids = tokenizer("w1 w2 w3 w4", return_tensors=None)["input_ids"]
     train = Dataset.from_list([{"input_ids": ids, "labels": ids}] * 4)
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to="none", logging_steps=100,
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to="none", logging_steps=logging_steps,
         save_strategy="no", use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
     return Trainer(model=model, args=args, train_dataset=train, callbacks=callbacks)
@@ -241,6 +241,19 @@ def test_callback_logs_long_and_short_scores_through_the_reporters(tmp_path):
     history = [h for h in trainer.state.log_history if "eval_long/overall" in h]
     assert [h["step"] for h in history] == [0, 1, 2]
     assert trainer.model.training  # evaluation left the model in training mode
+
+
+def test_callback_keeps_the_training_log_of_the_steps_it_evaluates(tmp_path):
+    """The scores go through the callback handler's `on_log`, which clears `control.should_log`: the step's own
+    training log (loss, learning rate) must still be written, every `logging_steps`."""
+    tokenizer = tiny_tokenizer()
+    rows = [{**row, "task": "kv_retrieval", "length": 64} for row in kv_rows(2)]
+    callback = OPSDLEvalCallback(rows, tokenizer, every_n_steps=1, max_new_tokens=2)
+    trainer = lm_trainer(tmp_path, tokenizer, [callback], logging_steps=1)
+    callback.set_trainer(trainer)
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2]
+    assert [h["step"] for h in trainer.state.log_history if "eval_long/overall" in h] == [1, 2]
 
 
 def test_callback_without_trainer_still_records_history(tmp_path, caplog):

@@ -123,17 +123,13 @@ def _quick(tmp_path, model, task="squad"):
 
         documents = dict(task=task, essays=write_essays(tmp_path / "essays"))
     config = quick_config(RealDemoConfig(output_dir=str(tmp_path / "out"), model=model, eval_steps=1, **documents))
-    results = run_real_demo(config, log=lambda line: None)
+    lines = []
+    results = run_real_demo(config, log=lines.append)
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written["before"].keys() == written["after"].keys() == {"short", "long_256", "long_384"}
     for setting in written["after"].values():
         assert set(setting) >= {"contains", "f1", "em", "n", "ci95"} and setting["n"] == 4
-    assert set(written["step_time_split"]) >= {
-        "generation",
-        "teacher_forward",
-        "student_forward_backward",
-        "optimizer",
-    }
+    assert any(line.startswith("  opsdl step 2/2  loss") for line in lines), "progress must be visible"
     assert (tmp_path / "out" / "accuracy_vs_context.png").stat().st_size > 1000
     # --eval-steps 1: a curve point after each of the 2 steps, on the longest setting's questions, long and short
     assert [p["step"] for p in written["curve"]] == [1, 2] and set(written["curve"][0]) == {
@@ -142,8 +138,6 @@ def _quick(tmp_path, model, task="squad"):
         "short",
     }
     assert all(0 <= p[k] <= 100 for p in written["curve"] for k in ("long_384", "short"))
-    # the host its seconds were measured on: the same machine kind has run this 3.5x slower on another host
-    assert written["host"]["matmul_gflops_fp32"] > 0 and written["host"]["torch_threads"] >= 1
     return results
 
 

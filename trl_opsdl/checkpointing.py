@@ -7,9 +7,9 @@ in the MLP — which are cheap to recompute, while the compute is in the matmuls
 checkpointing (`torch.utils.checkpoint.create_selective_checkpoint_contexts`) lets a policy choose per op: here, the
 outputs of matmuls and attention kernels are kept and everything else is recomputed from them.
 
-Measured on the cost benchmark's model (4 layers, hidden 256, fp32, CPU, one thread; docs/scaling.md): 19–21% less
-peak memory than no checkpointing; the elementwise recompute cost nothing measurable at 8K tokens and 3% at 4K, where
-attention dominates, but 8% at 1K and 26% at 2K.
+What it costs (docs/scaling.md has the measurements): about a fifth less peak memory than no checkpointing; the
+elementwise recompute is a small share of a step where attention dominates (long prompts) and a larger one on short
+prompts.
 """
 
 from functools import cache

@@ -463,10 +463,11 @@ def _add_demo(subparsers):
         help="First pretrain the demo model from scratch (about 25 min on one core) into --model-path, or into the "
         "package's assets folder when --model-path is not given.",
     )
-    p.add_argument("--compare", action="store_true", help="Baselines (TRL SFT, DPO) and OPSDL variants over --seeds.")
-    p.add_argument("--ablation", action="store_true", help="What keeps short accuracy: ratio, lr, steps, LoRA.")
-    p.add_argument("--methods", default=None, help="With --compare/--ablation: comma-separated method names.")
-    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="With --compare/--ablation, e.g. 0,1,2.")
+    p.add_argument(
+        "--compare", action="store_true", help="OPSDL against TRL's SFT and DPO at the same budget, over --seeds."
+    )
+    p.add_argument("--methods", default=None, help="With --compare: comma-separated method names (default: all).")
+    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="With --compare, e.g. 0,1,2.")
     p.add_argument("--eval-every", type=int, default=25, help="With --compare: steps between curve points.")
     # Every `DemoConfig` field is an option (`--max-steps`, `--no-lora`, `--long-pairs 16,24,32`, ...); an option left
     # out keeps the documented default (docs/demo.md).
@@ -546,7 +547,7 @@ def _run_demo(args):
     toy_only = {f.name for f in dataclasses.fields(DemoConfig)} - {f.name for f in dataclasses.fields(RealDemoConfig)}
     real_only = {f.name for f in dataclasses.fields(RealDemoConfig)} - {f.name for f in dataclasses.fields(DemoConfig)}
     if args.real:
-        wrong = sorted(given & (toy_only | {"rebuild_model", "ablation"}))
+        wrong = sorted(given & (toy_only | {"rebuild_model"}))
         if wrong:
             raise ValueError(f"--{wrong[0].replace('_', '-')} is an option of the toy demo, not of --real.")
         overrides = {}
@@ -571,12 +572,11 @@ def _run_demo(args):
         target = args.model_path or str(DEMO_MODEL_DIR)
         pretrain_demo_model(output_dir=target)
         config = dataclasses.replace(config, model_path=target)
-    if args.compare or args.ablation:
-        from trl_opsdl.demo.compare import METHOD_SETS, run_compare
+    if args.compare:
+        from trl_opsdl.demo.compare import COMPARE_METHODS, run_compare
 
-        name = "ablation" if args.ablation else "compare"
-        methods = _select_methods(METHOD_SETS[name], args.methods, name)
-        run_compare(config, methods, seeds=tuple(args.seeds), eval_every=args.eval_every, name=name)
+        methods = _select_methods(COMPARE_METHODS, args.methods, "compare")
+        run_compare(config, methods, seeds=tuple(args.seeds), eval_every=args.eval_every)
     else:
         from trl_opsdl.demo.toy import run_demo
 

@@ -1,8 +1,8 @@
 """OPSDL's losses as pure functions of hidden states and `lm_head` weights: no trainer state.
 
-Shapes: `N` completion positions (flattened, padding already removed), `H` hidden size, `V` vocabulary. Every
-function here projects to the vocabulary only at those `N` positions and never holds an `(N, V)` tensor for the whole
-batch: `full_logits` uses TRL's fused kernel on Triton devices and `FusedReverseKL` (reverse KL) or
+Tensor names carry their shapes (the legend is in `trl_opsdl/__init__.py`): the hidden states come as `(N, H)`, the
+`N` completion positions of the batch with padding removed. Every function here projects to the vocabulary only at
+those positions and never holds an `(N, V)` tensor for the whole batch: `full_logits` uses TRL's fused kernel on Triton devices and `FusedReverseKL` (reverse KL) or
 `chunked_divergence` elsewhere, the sampled-token log-probs TRL's `ChunkedLogProbFunction`, `topk_logits` recomputes
 per chunk.
 
@@ -308,13 +308,13 @@ def _divergence_chunk(
     if top_k is not None:
         # Reverse KL over the student's top-k tokens (chosen without gradient) and one bucket for the rest of the
         # vocabulary, whose log-mass is log(1 - sum_k p), computed as log1p(-sum).
-        topk_NK = s_logp_NV.detach().topk(top_k, dim=-1).indices
-        s_logp_NK, t_logp_NK = s_logp_NV.gather(-1, topk_NK), t_logp_NV.gather(-1, topk_NK)
-        s_tail_N = torch.log1p(-s_logp_NK.exp().sum(-1).clamp(max=1 - 1e-6))
-        t_tail_N = torch.log1p(-t_logp_NK.exp().sum(-1).clamp(max=1 - 1e-6))
-        s_buckets_NB = torch.cat([s_logp_NK, s_tail_N[:, None]], dim=-1)
-        t_buckets_NB = torch.cat([t_logp_NK, t_tail_N[:, None]], dim=-1)
-        divergence_N = (s_buckets_NB.exp() * (s_buckets_NB - t_buckets_NB)).sum(-1)
+        topk_NJ = s_logp_NV.detach().topk(top_k, dim=-1).indices
+        s_logp_NJ, t_logp_NJ = s_logp_NV.gather(-1, topk_NJ), t_logp_NV.gather(-1, topk_NJ)
+        s_tail_N = torch.log1p(-s_logp_NJ.exp().sum(-1).clamp(max=1 - 1e-6))
+        t_tail_N = torch.log1p(-t_logp_NJ.exp().sum(-1).clamp(max=1 - 1e-6))
+        s_buckets_NU = torch.cat([s_logp_NJ, s_tail_N[:, None]], dim=-1)
+        t_buckets_NU = torch.cat([t_logp_NJ, t_tail_N[:, None]], dim=-1)
+        divergence_N = (s_buckets_NU.exp() * (s_buckets_NU - t_buckets_NU)).sum(-1)
     elif beta == 1.0:  # reverse KL(s || t)
         divergence_N = (s_logp_NV.exp() * (s_logp_NV - t_logp_NV)).sum(-1)
     elif beta == 0.0:  # forward KL(t || s)

@@ -89,7 +89,7 @@ class OPSDLConfig(DistillationConfig):
             `"full"`: only its input; the whole layer is recomputed in the backward (the parent's behaviour).
             `"selective"`: the outputs of matmuls and attention; only the elementwise ops (norms, rotary, activation,
             products) are recomputed — more memory than `"full"`, about a fifth less than no checkpointing, for no
-            extra matmul or attention FLOPs (see `trl_opsdl.checkpointing` for measured times). Needs non-reentrant
+            extra matmul or attention FLOPs (docs/scaling.md has its measured cost). Needs non-reentrant
             checkpointing.
         context_gradient (`str`, *optional*, defaults to `"full"`):
             `"full"`: the student runs forward and backward over the whole long prompt + completion. `"none"`: the
@@ -336,9 +336,8 @@ class OPSDLConfig(DistillationConfig):
         if self.teacher_model_kind == "live":
             warnings.warn(
                 "teacher_model_kind='live' scores the short prompt with the weights being trained: student and "
-                "teacher drift together, the KL stays low while accuracy can collapse (in our key-value test with "
-                "full fine-tuning it fell to 0% by ~100 steps, the model no longer emitting its end token; on "
-                "SmolLM2-135M with LoRA at lr 1e-3 it fell to 0% in 40 steps). Prefer 'base' or 'ema'.",
+                "teacher drift together, so nothing holds the student to what the model knew, and the KL can stay "
+                "low while the replies collapse (e.g. the end token is no longer emitted). Prefer 'base' or 'ema'.",
                 UserWarning,
                 stacklevel=2,
             )

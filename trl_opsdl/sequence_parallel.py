@@ -157,20 +157,20 @@ def _all_to_all(chunks, state: SPState):
     return chunks if state.size == 1 else _AllToAll.apply(chunks, state.group)
 
 
-def _sequence_to_heads(x_BHSD, state: SPState):
+def _sequence_to_heads(x_BASD, state: SPState):
     """(B, heads, local length, D) -> (B, heads / sp, full length, D): this rank's heads over the whole sequence."""
-    b, heads, length, d = x_BHSD.shape
+    b, heads, length, d = x_BASD.shape
     sp = state.size
-    chunks = x_BHSD.reshape(b, sp, heads // sp, length, d).permute(1, 0, 2, 3, 4)  # chunk j: rank j's heads
+    chunks = x_BASD.reshape(b, sp, heads // sp, length, d).permute(1, 0, 2, 3, 4)  # chunk j: rank j's heads
     chunks = _all_to_all(chunks.contiguous(), state)  # chunk i: rank i's slice of the sequence, my heads
     return chunks.permute(1, 2, 0, 3, 4).reshape(b, heads // sp, sp * length, d)
 
 
-def _heads_to_sequence(x_BSHD, state: SPState):
+def _heads_to_sequence(x_BSAD, state: SPState):
     """(B, full length, heads / sp, D) -> (B, local length, heads, D): every head over this rank's slice."""
-    b, length, heads, d = x_BSHD.shape
+    b, length, heads, d = x_BSAD.shape
     sp = state.size
-    chunks = x_BSHD.reshape(b, sp, length // sp, heads, d).permute(1, 0, 2, 3, 4)  # chunk j: rank j's slice
+    chunks = x_BSAD.reshape(b, sp, length // sp, heads, d).permute(1, 0, 2, 3, 4)  # chunk j: rank j's slice
     chunks = _all_to_all(chunks.contiguous(), state)  # chunk i: rank i's heads over my slice
     return chunks.permute(1, 2, 0, 3, 4).reshape(b, length // sp, sp * heads, d)
 
@@ -187,10 +187,10 @@ def _ulysses_attention(core, state, module, query, key, value, *args, **kwargs):
     groups = getattr(module, "num_key_value_groups", None)
     module.num_key_value_groups = query.shape[1] // key.shape[1]
     try:
-        out_BSHD, _ = core(module, query, key, value, None, *args, **kwargs)
+        out_BSAD, _ = core(module, query, key, value, None, *args, **kwargs)
     finally:
         module.num_key_value_groups = groups
-    return _heads_to_sequence(out_BSHD, state), None
+    return _heads_to_sequence(out_BSAD, state), None
 
 
 def ulysses_attention_name(implementation: str) -> str:

@@ -1,15 +1,15 @@
 """The CPU demo of OPSDL, as a package: one module per job.
 
-- `model`: the word-level tokenizer builder and tiny-Llama factory (shared with the tests and benchmarks), the demo's
-  tokenizer/model and `load_demo_model`.
+- `model`: the demo's tokenizer and model (`build_demo_tokenizer`, `build_demo_model`) and `load_demo_model`.
 - `config`: `DemoConfig`, one field per `trl-opsdl demo` option.
 - `toy`: `trl-opsdl demo` — `run_demo`, key-value accuracy, the OPSDL training run.
 - `pretrain`: how the shipped demo model was pretrained (`--rebuild-model`).
-- `compare`: the research harness — SFT/DPO baselines, OPSDL variants, ablation grid (`--compare`, `--ablation`).
+- `compare`: `--compare` — OPSDL's default recipe against TRL's SFT and DPO at the same budget, over seeds.
 - `real`: `trl-opsdl demo --real` — a pretrained instruct model (SmolLM2-135M-Instruct) on SQuAD articles.
-- `real_compare`: `--real --compare` — TRL's SFT/DPO against OPSDL's variants on the real model.
+- `real_compare`: `--real --compare` — the same comparison on the real model.
 
-The names are imported on first use, so `trl-opsdl demo` loads neither the pretraining loop nor the harness.
+The names are imported on first use, so `trl-opsdl demo` loads neither the pretraining loop nor the comparisons. The
+variants and ablations tried while building the demos are in the repository's `experiments/`, not in the package.
 """
 
 import importlib
@@ -17,8 +17,8 @@ import importlib
 
 _EXPORTS = {
     "model": (
-        "DEMO_MODEL_DIR", "NUM_KEYS", "NUM_VALUES", "SPECIAL_TOKENS", "VALUE_LENGTH", "build_demo_model",
-        "build_demo_tokenizer", "load_demo_model", "tiny_llama", "word_level_tokenizer",
+        "DEMO_MODEL_DIR", "NUM_KEYS", "NUM_VALUES", "VALUE_LENGTH", "build_demo_model", "build_demo_tokenizer",
+        "load_demo_model",
     ),
     "config": ("ALL_LINEAR", "DemoConfig", "RealDemoConfig"),
     "toy": (
@@ -27,8 +27,7 @@ _EXPORTS = {
     ),
     "pretrain": ("PretrainConfig", "pretrain_demo_model"),
     "compare": (
-        "ABLATION_METHODS", "COMPARE_METHODS", "METHOD_SETS", "compare_table", "plot_compare", "run_compare",
-        "run_method", "train_baseline",
+        "COMPARE_METHODS", "compare_table", "plot_compare", "run_compare", "run_method", "train_baseline",
     ),
     "real": ("check_real_config", "interval95", "measure", "plot_real", "quick_config", "real_table", "run_real_demo"),
     "real_compare": ("REAL_COMPARE_METHODS", "run_real_compare", "short_check_set", "write_real_compare"),

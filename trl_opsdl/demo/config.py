@@ -23,7 +23,7 @@ class DemoConfig:
     distillation_mode: str = "full_logits"
     teacher_model_kind: str = "base"
     short_prompt_ratio: float = 0.0
-    lora: bool = True  # the base teacher is then the adapter-free model; keeps short-context accuracy (docs)
+    lora: bool = True  # the base teacher is then the adapter-free model, and the base weights are never changed
     lora_r: int = 16
     lora_target_modules: tuple[str, ...] = ALL_LINEAR
     # Evaluation: `short` has `short_pairs` pairs, then one setting per entry of `long_pairs`.
@@ -32,7 +32,7 @@ class DemoConfig:
     eval_examples: int = 500
     eval_batch_size: int = 250
     save_model: bool = False  # also save the trained model and tokenizer to <output_dir>/model
-    num_threads: int = 1  # 2 threads are faster only on an idle machine, and 4x slower on a shared one
+    num_threads: int = 1  # torch's CPU threads: more help only where no other job shares the cores
     logging_steps: int = 10
     overwrite: bool = False  # replace an earlier run's results in a non-empty output_dir
 
@@ -66,10 +66,10 @@ class RealDemoConfig:
     train_lengths: tuple[int, ...] = (512, 1024)
     max_steps: int = 40
     batch_size: int = 4
-    # The recipe of `--compare`'s row `opsdl_topk_lr_3e-4_anchors` (docs/real_demo.md): the top-k reverse KL at lr
-    # 3e-4, half of each batch sampled from the short prompt. Until 2026-12-05 the default was `full_logits`, lr 1e-3,
-    # no anchors (`--distillation-mode full_logits --learning-rate 1e-3 --short-prompt-ratio 0`), which on
-    # niah_single lost 55 points on short prompts and 30 at 1,024 tokens.
+    # The recipe: the top-k reverse KL at lr 3e-4, half of each batch sampled from the short prompt ("anchors": there
+    # the student and the adapter-free teacher read the same prompt, so the loss holds the student's short-prompt
+    # replies where the base model had them). The first recipe was `--distillation-mode full_logits --learning-rate
+    # 1e-3 --short-prompt-ratio 0`.
     learning_rate: float = 3e-4
     temperature: float = 0.7
     max_completion_length: int = 24

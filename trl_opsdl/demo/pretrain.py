@@ -67,9 +67,9 @@ def _pretrain_batch(rng: random.Random, tokenizer, config: PretrainConfig):
         labels.append(labs)
     width = max(len(ids) for ids in input_ids)
     # Right padding under a causal mask: no real token attends to a pad, so no attention mask is needed.
-    input_ids_BT = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in input_ids])
-    labels_BT = torch.tensor([labs + [-100] * (width - len(labs)) for labs in labels])
-    return input_ids_BT, labels_BT
+    input_ids_BL = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in input_ids])
+    labels_BL = torch.tensor([labs + [-100] * (width - len(labs)) for labs in labels])
+    return input_ids_BL, labels_BL
 
 
 def pretrain_demo_model(
@@ -101,8 +101,8 @@ def pretrain_demo_model(
     rng = random.Random(config.seed)
     start, running = time.time(), None
     for step in range(config.steps):
-        input_ids_BT, labels_BT = _pretrain_batch(rng, tokenizer, config)
-        loss = model(input_ids=input_ids_BT, labels=labels_BT).loss
+        input_ids_BL, labels_BL = _pretrain_batch(rng, tokenizer, config)
+        loss = model(input_ids=input_ids_BL, labels=labels_BL).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -218,7 +218,7 @@ def _ruler_pairs(config: RealDemoConfig, tokenizer, essays: list[str], lengths, 
     from ..data.ruler import build_ruler
 
     # Whole essay sentences are the filler's units, and some run to ~60 tokens: a prompt can stop that far below its
-    # target (458 of 512 tokens measured), past RULER's usual 5%.
+    # target, past RULER's usual 5%.
     return build_ruler(tokenizer, tasks=[config.task], lengths=lengths, num_samples=num, seed=seed,
                        conversational=True, filler="\n\n".join(essays), value_type="words", tolerance=0.15)  # fmt: skip
 
@@ -337,8 +337,7 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
     import torch
     from transformers import PrinterCallback
 
-    from ..timing import StepTimer, host_speed
-    from .toy import prepare_output_dir, write_outputs
+    from .toy import _progress_callback, prepare_output_dir, write_outputs
 
     config = config or RealDemoConfig()
     check_real_config(config)
@@ -347,8 +346,6 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
     torch.set_num_threads(config.num_threads)
     output_dir = prepare_output_dir(config)  # the toy demo's rule: refused when used, unless --overwrite
 
-    host = host_speed()
-    log(f"host: {host['cpu']}, {host['torch_threads']} threads, {host['matmul_gflops_fp32']} GFLOP/s fp32 matmul")
     model_path, tokenizer, train_articles, held_out = prepare(config, log)
     sets = eval_sets(config, tokenizer, held_out)
     dataset = train_dataset(config, tokenizer, train_articles)
@@ -356,13 +353,11 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
     log(f"before training ({', '.join(f'{k}: {len(v)}' for k, v in sets.items())} questions):")
     before = measure(model, tokenizer, sets, config.eval_max_new_tokens, config.eval_batch_size, log)
 
-    timer = StepTimer()
     curve = curve_callback(config, sets, tokenizer, log)
     with tempfile.TemporaryDirectory() as trainer_dir:
-        callbacks = [timer.callback(log, config.max_steps)] + ([curve] if curve else [])
+        callbacks = [_progress_callback(log, config.max_steps, "  opsdl")] + ([curve] if curve else [])
         trainer = opsdl_trainer(model, tokenizer, dataset, config, trainer_dir, callbacks)
         trainer.remove_callback(PrinterCallback)
-        timer.attach(trainer)
         train_start = time.time()
         trainer.train()
         train_seconds = time.time() - train_start
@@ -373,12 +368,10 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
     results = {
         "before": before,
         "after": after,
-        "step_time_split": timer.summary(),
         **curve_record(curve),
         "train_seconds": round(train_seconds, 1),
         "settings": _settings(config, model_path),
         "runtime_seconds": round(time.time() - start, 1),
-        "host": host,
     }
     write_outputs(output_dir, results, model if config.save_model else None, tokenizer, plot_real, real_table, log)
     return results

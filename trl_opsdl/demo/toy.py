@@ -2,8 +2,8 @@
 
 `run_demo` evaluates the shipped model (`trl_opsdl/assets/demo_model`, made by `trl_opsdl.demo.pretrain`) on short
 and long contexts, trains it with `OPSDLTrainer` on long prompts (teacher = the same model on the single relevant
-pair), evaluates again, and writes `results.json` and a plot. The baselines and grids built on the same pieces are in
-`trl_opsdl.demo.compare`.
+pair), evaluates again, and writes `results.json` and a plot. `--compare` (TRL's SFT and DPO at the same budget),
+built on the same pieces, is in `trl_opsdl.demo.compare`.
 """
 
 import json

@@ -115,7 +115,9 @@ class OPSDLEvalCallback(TrainerCallback):
         if state.epoch is not None:
             logs["epoch"] = state.epoch
         state.log_history.append({**logs, "step": state.global_step})
+        should_log = control.should_log  # the handler's `on_log` clears it: this step's training log must still come
         self.trainer.callback_handler.on_log(args, state, control, logs)
+        control.should_log = should_log
 
 
 def shard_indices(num_rows: int, rank: int, world: int) -> list[int]:

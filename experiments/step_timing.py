@@ -114,13 +114,13 @@ def host_speed(size: int = 1024, repeats: int = 10) -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    a_NN, b_NN = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size), torch.randn(size, size)
     for _ in range(5):  # warm-up: a cold process measured 29 GFLOP/s on its first matmuls, 67 from then on
-        a_NN @ b_NN
+        a @ b
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        a_NN @ b_NN
+        a @ b
         best = min(best, time.perf_counter() - start)
     return {
         "cpu": cpu,
