@@ -224,8 +224,8 @@ def _run_build_squad(args):
     from transformers import AutoTokenizer
 
     from trl_opsdl.data.squad import build_squad_pairs, load_squad, split_articles
+    from trl_opsdl.downloads import squad_path
     from trl_opsdl.gguf import prepare_model
-    from trl_opsdl.pypi_sources import squad_path
 
     if args.num_samples is not None and args.num_samples <= 0:
         raise ValueError(f"--num-samples {args.num_samples} must be positive (or left out for all questions).")
@@ -337,14 +337,12 @@ def _run_build_self_instruct(args):
         max_question_tokens=args.max_new_tokens, max_answer_tokens=max(8, args.max_new_tokens // 2),
         batch_size=args.batch_size,
     )  # fmt: skip
-    report_path = args.output + ".report.json"
-    os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-    with open(report_path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, ensure_ascii=False)
+    report_path = report.write(args.output + ".report.json")
+    questions = report.to_dict()["questions"]
     if len(dataset) == 0:
-        raise ValueError(f"Every question was filtered out ({report['questions']}); see {report_path}.")
+        raise ValueError(f"Every question was filtered out ({questions}); see {report_path}.")
     _write_jsonl(dataset, args.output, tokenizer)
-    print(json.dumps({"questions": report["questions"], "report": report_path}, indent=2))
+    print(json.dumps({"questions": questions, "report": report_path}, indent=2))
     return 0
 
 
@@ -603,8 +601,8 @@ def _add_convert_gguf(subparsers):
 
 @_user_errors
 def _run_convert_gguf(args):
+    from trl_opsdl.downloads import smollm2_gguf_path
     from trl_opsdl.gguf import convert_gguf, converted_path
-    from trl_opsdl.pypi_sources import smollm2_gguf_path
 
     source = args.gguf_file or smollm2_gguf_path()
     print(convert_gguf(source, args.output_dir or converted_path(source), overwrite=args.overwrite))
