@@ -36,7 +36,7 @@ def test_build_data_squad_writes_pairs_of_the_requested_split(tiny, tmp_path, ca
         ),
         (
             ["build-data", "squad", "--tokenizer", "MODEL", "--input", "SQUAD", "--num-samples", "0", "--output", "o"],
-            "--num-samples 0 must be positive",
+            "--num-samples 0: must be positive",
         ),
         (
             ["build-data", "squad", "--tokenizer", "MODEL", "--input", "SQUAD", "--lengths", "0", "--output", "o"],

@@ -459,7 +459,7 @@ def test_cli_end_to_end_on_a_tiny_chat_model(tmp_path, folder, capsys):
     assert report["answer_logprob"]["min"] > -1  # the scripted reply is near certain
     assert {r["question"] for r in rows} == {"Who built it?"} and all(r["answers"] == ["Who built it?"] for r in rows)
     code, captured = _cli(capsys, *args, "--no-closed-book")
-    assert code == 2 and f"--output {out!r} exists" in captured.err
+    assert code == 2 and f"--output {out!r} already exists" in captured.err
 
 
 def test_cli_on_a_random_tiny_model_counts_its_garbage(tmp_path, folder, capsys):
@@ -478,11 +478,11 @@ def test_cli_bad_inputs_exit_2_before_any_model_work(tmp_path, folder, capsys):
     base = ["--model", missing_model, "--output", str(tmp_path / "o.jsonl")]
     cases = [
         (["--documents", str(tmp_path / "nope")], "does not exist"),
-        (["--documents", folder, "--num-samples", "0"], "--num-samples 0 must be at least 1"),
-        (["--documents", folder, "--k", "0"], "--k 0 must be at least 1"),
+        (["--documents", folder, "--num-samples", "0"], "--num-samples 0: must be positive"),
+        (["--documents", folder, "--k", "0"], "--k 0: must be positive"),
         (["--documents", folder, "--template", "fancy"], "--template 'fancy' is neither"),
-        (["--documents", folder, "--lengths", "0"], "--lengths [0] must list positive"),
-        (["--documents", folder, "--lengths", "200"], "--span-tokens 128 is more than half"),
+        (["--documents", folder, "--lengths", "0"], "--lengths [0]: lengths must be positive"),
+        (["--documents", folder, "--lengths", "200"], "span_tokens=128 is more than half the shortest length 200"),
     ]
     (tmp_path / "t.txt").write_text("Ask a question about {context}")
     cases.append((["--documents", folder, "--template", str(tmp_path / "t.txt")], "has no {span} field"))
