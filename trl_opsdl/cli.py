@@ -1,5 +1,4 @@
-"""`trl-opsdl`: a thin command line over the library. Each subcommand parses, checks its options, calls the library,
-prints.
+"""`trl-opsdl`: a thin command line over the library. Each subcommand parses, checks, calls the library, prints.
 
 Each subcommand has an `_add_<name>` (its options) and a `_run_<name>` (the call into the library); `SUBCOMMANDS`
 lists the `_add_<name>` functions, in the order `trl-opsdl --help` shows them. Longer than ~450 lines because it holds
