@@ -33,7 +33,7 @@ from .kv import build_kv_retrieval  # noqa: E402
 
 
 __all__ += ["build_kv_retrieval"]
-from .self_instruct import build_self_instruct, load_documents  # noqa: E402
+from .self_instruct import SelfInstructReport, build_self_instruct, load_documents  # noqa: E402
 
 
-__all__ += ["build_self_instruct", "load_documents"]
+__all__ += ["SelfInstructReport", "build_self_instruct", "load_documents"]
