@@ -84,9 +84,9 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_opsdl.data.squad import build_squad_pairs, load_squad, split_articles
+    from trl_opsdl.downloads import squad_path
     from trl_opsdl.evaluation import contains_answer
     from trl_opsdl.gguf import prepare_model
-    from trl_opsdl.pypi_sources import squad_path
     from trl_opsdl.tokenization import prompt_ids
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the experiments' step timer

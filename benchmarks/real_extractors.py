@@ -30,9 +30,9 @@ def main(argv=None):
     from trl_opsdl.data import BM25Extractor, SelfExtractor
     from trl_opsdl.data.columns import evidence_recall
     from trl_opsdl.data.squad import build_squad_pairs, load_squad, split_articles
+    from trl_opsdl.downloads import squad_path
     from trl_opsdl.evaluation import contains_answer
     from trl_opsdl.gguf import prepare_model
-    from trl_opsdl.pypi_sources import squad_path
 
     torch.set_num_threads(2)
     model_path = prepare_model(args.model)

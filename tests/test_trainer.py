@@ -196,12 +196,6 @@ def test_ema_update_rule(tmp_path):
         torch.testing.assert_close(after, 0.9 * before + 0.1 * student.detach())
 
 
-def test_teacher_ema_decay_is_a_deprecated_alias_of_the_update_rate(tmp_path):
-    with pytest.warns(FutureWarning, match="teacher_ema_decay is deprecated.*teacher_update_rate=0.25"):
-        args = config(tmp_path, teacher_model_kind="ema", teacher_ema_decay=0.75)
-    assert args.teacher_update_rate == pytest.approx(0.25)
-
-
 def test_model_card_cites_opsdl(tmp_path):
     trainer = trainer_for(tmp_path)
     trainer.create_model_card(model_name="tiny-opsdl")

@@ -1,8 +1,9 @@
-"""`trl-opsdl`: a thin command line over the library. Each subcommand parses, calls the library, prints.
+"""`trl-opsdl`: a thin command line over the library. Each subcommand parses, checks, calls the library, prints.
 
-Subcommands register themselves in `main()`; each has an `_add_<name>` (arguments) and a `_run_<name>` (work).
-Longer than ~450 lines because it holds every subcommand's options (each with its help text) side by side, so that
-they stay consistent; the work is all in the library.
+Each subcommand has an `_add_<name>` (its options) and a `_run_<name>` (the call into the library); `SUBCOMMANDS`
+lists the `_add_<name>` functions, in the order `trl-opsdl --help` shows them. Longer than ~450 lines because it holds
+every subcommand's options (each with its help text) side by side, so that they stay consistent; the work (loading,
+building, evaluating, writing reports) is all in the library.
 """
 
 import argparse
@@ -31,13 +32,14 @@ def _user_errors(run):
     return wrapper
 
 
-def _check_at_least(args, minimums: dict) -> None:
-    """Refuse a number below its minimum (`{"limit": 1}`): no zero or negative that silently means something else."""
-    for name, low in minimums.items():
-        value = getattr(args, name, None)
-        if value is not None and value < low:
-            kind = "positive" if low == 1 else f"at least {low}"
-            raise ValueError(f"--{name.replace('_', '-')} {value}: must be {kind}.")
+def _check_counts(args, *names: str) -> None:
+    """The one check of every count option (`--num-samples`, `--batch-size`, ...): a value given below 1 is refused,
+    naming the option and the value, so that no zero or negative silently means "none" or "all". An option left out
+    (`None`: its default is "all" or "derived") is not checked."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be positive.")
 
 
 def _check_output_file(args) -> None:
@@ -153,23 +155,19 @@ def _add_build_data(subparsers):
 
 
 def _write_jsonl(dataset, path, tokenizer=None):
+    """Write the pairs and print their report (`trl_opsdl.data.write_jsonl`)."""
     import json
-    import os
 
-    from trl_opsdl.data import dataset_report
+    from trl_opsdl.data import write_jsonl
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    dataset.to_json(path, lines=True, force_ascii=False)
-    has_counts = "num_tokens" in dataset.column_names
-    report = dataset_report(dataset, tokenizer) if tokenizer is not None or has_counts else {}
-    report["output"] = path
-    print(json.dumps(report, indent=2))
+    print(json.dumps(write_jsonl(dataset, path, tokenizer), indent=2))
     return 0
 
 
-def _check_builder_args(args):
-    """What every pair builder checks before loading anything: counts, lengths, the output path."""
-    _check_at_least(args, {"num_samples": 1})
+def _check_builder_args(args, *counts: str):
+    """What every pair builder checks before loading anything: `--num-samples` and its other `counts`, the lengths,
+    the output path."""
+    _check_counts(args, "num_samples", *counts)
     if not args.lengths or min(args.lengths) < 1:
         raise ValueError(f"--lengths {args.lengths}: lengths must be positive token counts, e.g. 1024,4096.")
     _check_output_file(args)
@@ -224,14 +222,10 @@ def _run_build_squad(args):
     from transformers import AutoTokenizer
 
     from trl_opsdl.data.squad import build_squad_pairs, load_squad, split_articles
+    from trl_opsdl.downloads import squad_path
     from trl_opsdl.gguf import prepare_model
-    from trl_opsdl.pypi_sources import squad_path
 
-    if args.num_samples is not None and args.num_samples <= 0:
-        raise ValueError(f"--num-samples {args.num_samples} must be positive (or left out for all questions).")
-    if not args.lengths or min(args.lengths) <= 0:
-        raise ValueError(f"--lengths {args.lengths}: lengths must be positive token counts, e.g. 512,1024.")
-    _check_output_file(args)
+    _check_builder_args(args)
     try:  # the data first: a source that can't be had stops the command before the model is fetched or converted
         source = args.input or squad_path()
     except ValueError as error:
@@ -248,28 +242,13 @@ def _run_build_squad(args):
     return _write_jsonl(dataset, args.output, tokenizer)
 
 
-def _load_model(path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except Exception as error:  # noqa: BLE001 - truncated weights, a wrong config: one line naming the folder
-        raise ValueError(
-            f"--model {path!r} could not be loaded ({type(error).__name__}: {error}). Check the folder: a complete "
-            "model.safetensors and a config.json from save_pretrained."
-        ) from error
-    return model.to(device)
-
-
 @_user_errors
 def _run_build_extract(args):
     from trl_opsdl.data import BM25Extractor, SelfExtractor, build_from_columns, load_records, load_tokenizer
+    from trl_opsdl.generation import load_model
     from trl_opsdl.tokenization import check_model_path
 
-    _check_at_least(args, {"top_k": 1, "chunk_size": 1, "budget": 1, "max_new_tokens": 1, "batch_size": 1})
+    _check_counts(args, "top_k", "chunk_size", "budget", "max_new_tokens", "batch_size")
     if args.extractor == "self":
         if not args.model:
             raise ValueError("--extractor self needs --model PATH (the model quotes its own evidence).")
@@ -280,7 +259,7 @@ def _run_build_extract(args):
     if args.extractor == "self":
         bm25 = BM25Extractor(args.top_k, args.chunk_size, args.budget, tokenizer)
         extractor = SelfExtractor(
-            _load_model(args.model), tokenizer, args.max_new_tokens, args.batch_size, fallback=bm25, progress=True
+            load_model(args.model), tokenizer, args.max_new_tokens, args.batch_size, fallback=bm25, progress=True
         )
     elif args.extractor == "bm25":
         extractor = BM25Extractor(args.top_k, args.chunk_size, args.budget, tokenizer)
@@ -299,52 +278,38 @@ def _run_build_extract(args):
 @_user_errors
 def _run_build_self_instruct(args):
     import json
-    import os
 
     from transformers import AutoTokenizer
 
-    from trl_opsdl.data.self_instruct import QUESTION_TEMPLATES, build_self_instruct, load_documents
+    from trl_opsdl.data.self_instruct import (
+        build_self_instruct,
+        check_settings,
+        load_documents,
+        load_question_template,
+    )
+    from trl_opsdl.generation import load_model
     from trl_opsdl.gguf import prepare_model
 
     # Every check on the arguments comes before the model is prepared or loaded.
-    if os.path.exists(args.output) and not args.overwrite:
-        raise ValueError(f"--output {args.output!r} exists; pass another file or --overwrite to replace it.")
-    for name in ("num_samples", "span_tokens", "k", "max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1.")
-    if not args.lengths or min(args.lengths) < 1:
-        raise ValueError(f"--lengths {args.lengths} must list positive token counts, e.g. 512,1024.")
-    if 2 * args.span_tokens > min(args.lengths):
-        raise ValueError(
-            f"--span-tokens {args.span_tokens} is more than half the shortest of --lengths {args.lengths}; use "
-            "smaller spans or longer lengths."
-        )
-    template = args.template
-    if template not in QUESTION_TEMPLATES:
-        if not os.path.isfile(template):
-            raise ValueError(f"--template {template!r} is neither chat, base nor a file; pass one of those.")
-        with open(template, encoding="utf-8") as f:
-            template = f.read()
-        if "{span}" not in template:
-            raise ValueError(f"--template file {args.template!r} has no {{span}} field; add it where the span goes.")
+    _check_builder_args(args, "span_tokens", "k", "max_new_tokens", "batch_size")
+    check_settings(args.lengths, args.num_samples, args.span_tokens, args.k)
+    template = load_question_template(args.template)
     documents = load_documents(args.documents, args.text_column)
     model_path = prepare_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dataset, report = build_self_instruct(
-        documents, _load_model(model_path), tokenizer, args.lengths, args.num_samples, args.seed,
+        documents, load_model(model_path), tokenizer, args.lengths, args.num_samples, args.seed,
         span_tokens=args.span_tokens, template=template, conversational=not args.plain,
         system_prompt=args.system_prompt, min_logprob=args.min_logprob, k=args.k, closed_book=args.closed_book,
         max_question_tokens=args.max_new_tokens, max_answer_tokens=max(8, args.max_new_tokens // 2),
         batch_size=args.batch_size,
     )  # fmt: skip
-    report_path = args.output + ".report.json"
-    os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-    with open(report_path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, ensure_ascii=False)
+    report_path = report.write(args.output + ".report.json")
+    questions = report.to_dict()["questions"]
     if len(dataset) == 0:
-        raise ValueError(f"Every question was filtered out ({report['questions']}); see {report_path}.")
+        raise ValueError(f"Every question was filtered out ({questions}); see {report_path}.")
     _write_jsonl(dataset, args.output, tokenizer)
-    print(json.dumps({"questions": report["questions"], "report": report_path}, indent=2))
+    print(json.dumps({"questions": questions, "report": report_path}, indent=2))
     return 0
 
 
@@ -369,38 +334,25 @@ def _add_eval(subparsers):
     p.set_defaults(run=_run_eval)
 
 
-EVAL_OUTPUTS = ("metrics.json", "predictions.jsonl", "accuracy_vs_length.png")  # + accuracy_vs_length_<column>.png
-
-
-def _check_eval_output(output_dir: str, overwrite: bool) -> None:
-    """Refuse an output folder that holds anything, unless --overwrite."""
-    if os.path.isfile(output_dir):
-        raise ValueError(f"--output-dir {output_dir!r} is a file; pass a folder.")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise ValueError(
-            f"--output-dir {output_dir!r} is not empty; pass another folder, or --overwrite to replace an earlier "
-            "eval's results there."
-        )
-
-
-def _clear_eval_output(output_dir: str) -> None:
-    """Remove what an earlier eval wrote (so no plot of a column this run lacks is left behind); nothing else."""
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        if name in EVAL_OUTPUTS or (name.startswith("accuracy_vs_length_") and name.endswith(".png")):
-            os.remove(os.path.join(output_dir, name))
-
-
 @_user_errors
 def _run_eval(args):
     import json
 
     from trl_opsdl.data import BM25Extractor, load_records, load_tokenizer
-    from trl_opsdl.evaluation import evaluate_dataset, load_longbench, load_longbench_v2, save_results
+    from trl_opsdl.evaluation import (
+        check_results_dir,
+        clear_results,
+        evaluate_dataset,
+        load_longbench,
+        load_longbench_v2,
+        save_results,
+    )
+    from trl_opsdl.generation import load_model
     from trl_opsdl.tokenization import check_model_path
 
-    _check_at_least(args, {"limit": 1, "max_new_tokens": 1, "batch_size": 1, "max_length": 1})
+    _check_counts(args, "limit", "max_new_tokens", "batch_size", "max_length")
     check_model_path(args.model)
-    _check_eval_output(args.output_dir, args.overwrite)
+    check_results_dir(args.output_dir, args.overwrite)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     extractor = BM25Extractor(tokenizer=tokenizer) if args.extractor == "bm25" else None
     if args.format == "opsdl":
@@ -416,8 +368,8 @@ def _run_eval(args):
             missing = [c for c in chosen[flag] if c not in dataset.column_names] or ([] if chosen[flag] else [given])
             if missing:
                 raise ValueError(f"{flag} {given!r}: the data has no column {missing}; it has {dataset.column_names}.")
-    model = _load_model(args.model)
-    _clear_eval_output(args.output_dir)
+    model = load_model(args.model)
+    clear_results(args.output_dir)
     prompt_columns = chosen.get("--columns", ["prompt", "teacher_prompt"])
     results = evaluate_dataset(
         model, tokenizer, dataset, prompt_columns=prompt_columns, metric=args.metric,
@@ -603,8 +555,8 @@ def _add_convert_gguf(subparsers):
 
 @_user_errors
 def _run_convert_gguf(args):
+    from trl_opsdl.downloads import smollm2_gguf_path
     from trl_opsdl.gguf import convert_gguf, converted_path
-    from trl_opsdl.pypi_sources import smollm2_gguf_path
 
     source = args.gguf_file or smollm2_gguf_path()
     print(convert_gguf(source, args.output_dir or converted_path(source), overwrite=args.overwrite))
@@ -698,11 +650,9 @@ def _add_plan(subparsers):
 def _run_plan(args):
     from trl_opsdl.planner import RunShape, cheapest_fit, estimate, format_plan, load_model_shape
 
-    _check_at_least(args, {
-        "context_length": 1, "completion_length": 1, "teacher_context_length": 1, "batch_size": 1,
-        "gradient_accumulation_steps": 1, "generation_batch_size": 1, "num_gpus": 1, "lora_rank": 1, "sp_size": 1,
-        "prefill_chunk_size": 1,
-    })  # fmt: skip
+    _check_counts(args, "context_length", "completion_length", "teacher_context_length", "batch_size",
+                  "gradient_accumulation_steps", "generation_batch_size", "num_gpus", "lora_rank", "sp_size",
+                  "prefill_chunk_size")  # fmt: skip
     if not args.gpu_memory_gib > 0:
         raise ValueError(f"--gpu-memory-gib {args.gpu_memory_gib}: must be positive (80 for an H100).")
     run = RunShape(
@@ -732,12 +682,15 @@ def _run_plan(args):
     return 0 if plan.fits else 1
 
 
+# The subcommands, in the order `trl-opsdl --help` lists them: a new one is an `_add_<name>` added here.
+SUBCOMMANDS = (_add_build_data, _add_eval, _add_demo, _add_convert_gguf, _add_train, _add_plan)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="trl-opsdl", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, value in list(globals().items()):
-        if name.startswith("_add_") and callable(value):
-            value(subparsers)
+    for add_subcommand in SUBCOMMANDS:
+        add_subcommand(subparsers)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

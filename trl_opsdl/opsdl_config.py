@@ -43,8 +43,6 @@ class OPSDLConfig(DistillationConfig):
         teacher_update_rate (`float`, *optional*, defaults to `0.01`):
             With `teacher_model_kind="ema"`, after each optimizer step `teacher = (1 - rate) * teacher + rate *
             student` (the name and rule of TRL's `SDFTConfig`; its update is TRL's `SyncRefModelCallback`).
-        teacher_ema_decay (`float`, *optional*):
-            Deprecated alias: `teacher_update_rate = 1 - teacher_ema_decay`. Warns; removed in 0.3.
 
         > Parameters that control the loss
 
@@ -140,10 +138,6 @@ class OPSDLConfig(DistillationConfig):
     teacher_update_rate: float = field(
         default=0.01,
         metadata={"help": "EMA teacher: teacher = (1 - rate) * teacher + rate * student after each step."},
-    )
-    teacher_ema_decay: float | None = field(
-        default=None,
-        metadata={"help": "Deprecated: use teacher_update_rate = 1 - teacher_ema_decay."},
     )
 
     # Parameters that control the loss
@@ -268,20 +262,6 @@ class OPSDLConfig(DistillationConfig):
                 f"distillation_mode={self.distillation_mode!r} estimates the reverse KL only, but beta={self.beta}. "
                 "Set beta=1.0, or use distillation_mode='full_logits' for forward KL (0.0) or JSD (0 < beta < 1)."
             )
-        if self.teacher_ema_decay is not None:
-            if not 0.0 <= self.teacher_ema_decay < 1.0:
-                raise ValueError(
-                    f"teacher_ema_decay={self.teacher_ema_decay} must be in [0, 1); better, set "
-                    "teacher_update_rate = 1 - decay (0.01 keeps the teacher close to its recent past)."
-                )
-            self.teacher_update_rate = 1.0 - self.teacher_ema_decay
-            warnings.warn(
-                f"teacher_ema_decay is deprecated and will be removed in 0.3: use "
-                f"teacher_update_rate={self.teacher_update_rate:g} (= 1 - teacher_ema_decay), TRL's SDFT name.",
-                FutureWarning,
-                stacklevel=3,
-            )
-            self.teacher_ema_decay = None  # one source of truth; the config round-trips through to_dict() without it
         if not 0.0 < self.teacher_update_rate <= 1.0:
             raise ValueError(
                 f"teacher_update_rate={self.teacher_update_rate} must be in (0, 1]; 0.01 keeps the teacher close to "

@@ -8,21 +8,6 @@ file or folder, or a hub id), load the tokenizer, train `OPSDLTrainer`, save, pu
 import os
 
 
-def load_pairs(name: str, config: str | None = None, streaming: bool = False):
-    """Deprecated: use `trl_opsdl.data.load_data(name, split=None, config=config, streaming=streaming)`."""
-    import warnings
-
-    from .data.reader import load_data
-
-    warnings.warn(
-        "trl_opsdl.train.load_pairs is deprecated and will be removed in 0.3; use "
-        "trl_opsdl.data.load_data(name, split=None, config=..., streaming=...).",
-        FutureWarning,
-        stacklevel=2,
-    )
-    return load_data(name, split=None, config=config, streaming=streaming)
-
-
 def check_vllm(training_args) -> None:
     """Fail before loading any weights when `--use_vllm` is set and vLLM cannot be imported."""
     from trl.import_utils import is_vllm_available

@@ -2,7 +2,7 @@
 metadata columns, ready for `OPSDLTrainer` and `trl_opsdl.evaluation`."""
 
 from ..tokenization import count_tokens, load_tokenizer
-from .columns import build_from_columns, dataset_report, evidence_recall
+from .columns import build_from_columns, dataset_report, evidence_recall, write_jsonl
 from .extract import BM25Extractor, SelfExtractor, split_chunks
 from .qa import QA_FORMATS, build_multidoc_qa
 from .reader import load_data, load_records
@@ -26,13 +26,14 @@ __all__ = [
     "load_tokenizer",
     "render_prompt",
     "split_chunks",
+    "write_jsonl",
 ]
 # Further builders append their import below (and their names to __all__).
 from .kv import build_kv_retrieval  # noqa: E402
 
 
 __all__ += ["build_kv_retrieval"]
-from .self_instruct import build_self_instruct, load_documents  # noqa: E402
+from .self_instruct import SelfInstructReport, build_self_instruct, load_documents  # noqa: E402
 
 
-__all__ += ["build_self_instruct", "load_documents"]
+__all__ += ["SelfInstructReport", "build_self_instruct", "load_documents"]

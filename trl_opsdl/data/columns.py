@@ -2,10 +2,11 @@
 
 [`build_from_columns`] turns rows with `context`, `question` (and `evidence` when annotated) into OPSDL rows, the short
 context coming from the evidence or an extractor (`trl_opsdl.data.extract`); [`dataset_report`] says how much shorter
-the teacher prompts are and, against gold evidence, the extractor's recall.
+the teacher prompts are and, against gold evidence, the extractor's recall; [`write_jsonl`] writes pairs with it.
 """
 
 import logging
+import os
 
 from ..tokenization import count_tokens
 from .extract import BM25Extractor
@@ -56,6 +57,19 @@ def dataset_report(dataset, tokenizer=None) -> dict:
         recalls = [r for r in recalls if r is not None]
         report["evidence_recall"] = sum(recalls) / len(recalls) if recalls else None
         report["evidence_rows"] = len(recalls)
+    return report
+
+
+def write_jsonl(dataset, path: str, tokenizer=None) -> dict:
+    """
+    Write `dataset` as JSON lines to `path` (folders made as needed) and return its [`dataset_report`] (empty where
+    there is neither a tokenizer nor token-count columns to count with) with the `output` path.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    dataset.to_json(path, lines=True, force_ascii=False)
+    has_counts = "num_tokens" in dataset.column_names
+    report = dataset_report(dataset, tokenizer) if tokenizer is not None or has_counts else {}
+    report["output"] = path
     return report
 
 

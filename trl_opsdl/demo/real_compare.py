@@ -51,7 +51,7 @@ DATA_FIELDS = ("max_steps", "batch_size", "train_lengths")
 
 def check_source(config: RealDemoConfig) -> str:
     """The short check's SQuAD-format file: `config.squad_check`, else SQuAD-shifts' NYT set (fetched once, cached)."""
-    from ..pypi_sources import squad_path
+    from ..downloads import squad_path
 
     try:
         return config.squad_check or squad_path("nyt")

@@ -12,6 +12,9 @@ sits below the evaluation). Every name that `trl_opsdl.evaluation` exported befo
 from ..generation import greedy_generate
 from .callback import OPSDLEvalCallback, shard_indices
 from .evaluate import (
+    RESULT_FILES,
+    check_results_dir,
+    clear_results,
     evaluate_dataset,
     evaluation_rows,
     flatten_results,
@@ -54,8 +57,11 @@ __all__ = [
     "LONGBENCH_V2_PROMPT",
     "METRICS",
     "OPSDLEvalCallback",
+    "RESULT_FILES",
     "TASK_METRICS",
+    "check_results_dir",
     "choice_accuracy",
+    "clear_results",
     "classification_score",
     "code_similarity",
     "contains_answer",

@@ -1,5 +1,6 @@
 """Long vs short evaluation: greedy completions on `prompt` and on `teacher_prompt`, scored and averaged per task and
-context length; the results written as JSON with a plot, or flattened for a logger.
+context length; the results written as JSON with a plot (into a folder checked, and cleared of an earlier run's
+results, first), or flattened for a logger.
 """
 
 import json
@@ -199,6 +200,28 @@ def plot_accuracy_vs_length(results: dict, path: str, columns=None) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+RESULT_FILES = ("metrics.json", "predictions.jsonl", "accuracy_vs_length.png")  # + accuracy_vs_length_<column>.png
+
+
+def check_results_dir(output_dir: str, overwrite: bool = False, flag: str = "--output-dir") -> None:
+    """Refuse, before any work, a results folder that is a file or holds anything, unless `overwrite`."""
+    if os.path.isfile(output_dir):
+        raise ValueError(f"{flag} {output_dir!r} is a file; pass a folder.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise ValueError(
+            f"{flag} {output_dir!r} is not empty; pass another folder, or --overwrite to replace an earlier "
+            "eval's results there."
+        )
+
+
+def clear_results(output_dir: str) -> None:
+    """Remove what an earlier [`save_results`] wrote to `output_dir` (so that no plot of a prompt column this run
+    lacks is left behind); nothing else."""
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        if name in RESULT_FILES or (name.startswith("accuracy_vs_length_") and name.endswith(".png")):
+            os.remove(os.path.join(output_dir, name))
 
 
 def save_results(results: dict, output_dir: str) -> dict:

