@@ -5,7 +5,7 @@
   nothing is run;
 - every relative link in README.md, CONTRIBUTING.md, CHANGELOG.md and docs/ (research log included) points at a file
   that exists, and a `#anchor` into a Markdown file at one of its headings;
-- every field `OPSDLConfig` adds to TRL's `DistillationConfig` is documented in docs/trainer.md;
+- every field `OPSDLConfig` adds to TRL's `DistillationConfig` has a row in docs/trainer.md's table, and every row is a field;
 - README's Python snippet runs as written on a tiny local model (only its `model = "..."` line is swapped).
 """
 
@@ -69,12 +69,23 @@ class _Captured(Exception):
     pass
 
 
+def exact_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """No abbreviations, in the parser and its subcommands: a doc's `--num-samples` must not pass as the prefix of a
+    renamed `--num-samples-per-task`."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                exact_options(subparser)
+    return parser
+
+
 def cli_parser() -> argparse.ArgumentParser:
     """The parser `trl-opsdl` itself builds: taken from `trl_opsdl.cli.main` as it starts to parse (nothing runs)."""
     from trl_opsdl import cli
 
     if hasattr(cli, "build_parser"):
-        return cli.build_parser()
+        return exact_options(cli.build_parser())
     captured = {}
 
     def capture(self, *args, **kwargs):
@@ -84,14 +95,16 @@ def cli_parser() -> argparse.ArgumentParser:
     with mock.patch.object(argparse.ArgumentParser, "parse_known_args", capture):
         with pytest.raises(_Captured):
             cli.main(["--help"])
-    return captured["parser"]
+    return exact_options(captured["parser"])
 
 
 def parse_train_arguments(argv):
     """TRL's parser over `ScriptArguments`, `OPSDLConfig` and `ModelConfig`, as `trl-opsdl train` uses it."""
     from trl_opsdl.train import make_parser
 
-    make_parser(prog="trl-opsdl train").parse_args_and_config(argv)
+    parser = make_parser(prog="trl-opsdl train")
+    parser.allow_abbrev = False
+    parser.parse_args_and_config(argv)
 
 
 COMMANDS = documented_command_lines()
@@ -161,16 +174,32 @@ def test_relative_link_resolves(page, target):
 # ---- OPSDLConfig fields ------------------------------------------------------------------------------------------
 
 
-def test_every_opsdl_config_field_is_in_trainer_md():
+def opsdl_config_fields() -> set:
+    """The fields `OPSDLConfig` adds to TRL's `DistillationConfig`."""
     from trl.experimental.distillation import DistillationConfig
 
     from trl_opsdl import OPSDLConfig
 
-    ours = {f.name for f in dataclasses.fields(OPSDLConfig)} - {f.name for f in dataclasses.fields(DistillationConfig)}
-    assert len(ours) >= 10
+    return {f.name for f in dataclasses.fields(OPSDLConfig)} - {f.name for f in dataclasses.fields(DistillationConfig)}
+
+
+def documented_fields() -> set:
+    """The fields with a row in docs/trainer.md's `OPSDLConfig` table: lines `| `name` | type, default | meaning |`."""
     page = (ROOT / "docs" / "trainer.md").read_text()
-    missing = sorted(name for name in ours if f"`{name}`" not in page)
-    assert not missing, f"OPSDLConfig fields not documented in docs/trainer.md: {missing}"
+    table = page.split("### `OPSDLConfig(DistillationConfig)`", 1)[1].split("\n#", 1)[0]
+    return set(re.findall(r"^\| `(\w+)` \|", table, re.M))
+
+
+def test_every_opsdl_config_field_has_a_row_in_trainer_md():
+    fields = opsdl_config_fields()
+    assert len(fields) >= 10
+    missing = sorted(fields - documented_fields())
+    assert not missing, f"OPSDLConfig fields without a row in docs/trainer.md's OPSDLConfig table: {missing}"
+
+
+def test_every_row_of_trainer_md_is_an_opsdl_config_field():
+    stale = sorted(documented_fields() - opsdl_config_fields())
+    assert not stale, f"docs/trainer.md documents OPSDLConfig fields that do not exist: {stale}"
 
 
 # ---- README snippet ------------------------------------------------------------------------------------------------
