@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check in one command, on the GPU machine (one H200; torch 2.11, transformers 5.17; no trl, datasets or
-# registry). Fill benchmarks/gpu_wheels/ first (here: bash benchmarks/gpu_check_wheels.sh), then through the device
-# tool, from the repository root of the session's own checkout:
-#   run(command="bash benchmarks/gpu_check.sh", carry=["benchmarks/gpu_wheels"], timeout_s=540)
-# It installs the carried wheels into a scratch folder (no index), runs benchmarks/gpu_check.py within a time guard
+# The GPU check in one command, on a CUDA machine that needs no network (Python with torch, transformers,
+# accelerate, peft; docs/gpu_check.md). First, where pip reaches a package index, fill benchmarks/gpu_wheels/
+# (bash benchmarks/gpu_check_wheels.sh); copy the checkout with that folder to the CUDA machine; there, from the
+# repository root:
+#   OUT=gpu_results bash benchmarks/gpu_check.sh
+# It installs the copied wheels into a scratch folder (no index), runs benchmarks/gpu_check.py within a time guard
 # (GPU_CHECK_BUDGET_S, default 400 s; the whole command stays under 8 minutes) and prints the table last. Under $OUT:
 # gpu_check.json (written after every check), gpu_check.md, gpu_check.log, env.txt (GPU, pip list, install log),
 # stacks.txt (Python stacks, only if a check hangs past the budget). GPU_CHECK_ONLY=parity,loss_memory reruns groups;
@@ -28,24 +29,24 @@ ENV_LOG="$OUT/env.txt"
     "$PY" -m pip list 2>/dev/null
 } >"$ENV_LOG" 2>&1
 
-# 1. The carried wheels, checked against this Python's version, installed without an index and without deps.
+# 1. The copied wheels, checked against this Python's version, installed without an index and without deps.
 PYV="$("$PY" -c 'import platform; print(platform.python_version())')"
 "$PY" benchmarks/gpu_check.py --check-wheels "$WHEELS" --python-version "$PYV" | tee -a "$ENV_LOG"
 mapfile -t PINS < <(sed 's/#.*//' benchmarks/gpu_check_wheels.txt | grep -v '^[[:space:]]*$')
 INSTALL=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE")
 if ! "${INSTALL[@]}" --find-links "$WHEELS" "${PINS[@]}" >>"$ENV_LOG" 2>&1; then
-    echo "installing the carried wheels failed:"; tail -20 "$ENV_LOG"; exit 3
+    echo "installing the copied wheels failed:"; tail -20 "$ENV_LOG"; exit 3
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The probe imports what the check needs and builds the config the selective-checkpointing steps use (it fails where
-# transformers is too old, e.g. 5.17). Should the carried transformers not import, the machine's own is tried with the
+# transformers is too old, e.g. 5.17). Should the copied transformers not import, the machine's own is tried with the
 # imports alone: the check then runs, and only its selective-checkpointing steps can fail.
 IMPORTS='from trl import DistillationTrainer, SFTTrainer; import peft, datasets
 from trl_opsdl import OPSDLConfig, OPSDLTrainer, loss_utils, planner'
 SELECTIVE='OPSDLConfig(output_dir="/tmp/probe", gradient_checkpointing=True, activation_checkpointing_policy="selective", bf16=False, report_to="none")'
 if ! "$PY" -c "$IMPORTS
 $SELECTIVE" >>"$ENV_LOG" 2>&1; then
-    echo "the import probe failed with the carried transformers (env.txt); trying the machine's own"
+    echo "the import probe failed with the copied transformers (env.txt); trying the machine's own"
     rm -rf "$SITE"/transformers "$SITE"/transformers-*.dist-info
     if ! "$PY" -c "$IMPORTS" >>"$ENV_LOG" 2>&1; then
         echo "import probe failed:"; tail -30 "$ENV_LOG"; exit 3

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Dry run of gpu_check.sh's installer on this (CPU) machine, before a GPU loan:
+# Dry run of gpu_check.sh's installer on a CPU machine, before copying the checkout to the GPU machine
+# (docs/gpu_check.md):
 #   bash benchmarks/gpu_check_wheels.sh && bash benchmarks/gpu_check_dryrun.sh
-# 1. the carried wheels against the GPU machine's package list (/work/.library/device/KINDS.md, "Python packages
-#    already there"): nothing carried that it has (except the pinned peft), every requirement of a carried wheel
-#    either carried or there;
+# 1. the wheels to copy against the GPU machine's package list (KINDS_MD=FILE: a text file with a line
+#    "Packages: a, b, c." naming what that machine has installed; skipped when the file is missing): nothing copied
+#    that it has (except the pinned peft), every requirement of a copied wheel either copied or there;
 # 2. gpu_check.sh's install line (--no-index --no-deps --find-links) into scratch --target folders, with this Python
-#    and with CPython 3.12 where pyenv has one (the machine runs 3.12.3: the multiprocess wheel is per version);
-# 3. the size of what a device call carries: the working tree (tracked + untracked files git does not ignore) plus
-#    benchmarks/gpu_wheels, under 64 MiB;
+#    and with CPython 3.12 where pyenv has one (the multiprocess wheel is per Python version);
+# 3. the size of the copy: the working tree (tracked + untracked files git does not ignore) plus
+#    benchmarks/gpu_wheels, kept under 64 MiB;
 # 4. the --tiny CPU check with the scratch install first on PYTHONPATH (as on the GPU machine). GPU_SIM_SITE=DIR
-#    goes next, standing for the machine's own packages (e.g. a --target install of transformers 5.17 and
-#    huggingface-hub 1.33, the versions there).
+#    goes next, standing for the GPU machine's own packages (e.g. a --target install of the transformers and
+#    huggingface-hub versions installed there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -19,7 +20,7 @@ WHEELS=benchmarks/gpu_wheels
 SCRATCH="${SCRATCH:-$(mktemp -d /tmp/gpu_check_dryrun.XXXXXX)}"
 mapfile -t PINS < <(sed 's/#.*//' benchmarks/gpu_check_wheels.txt | grep -v '^[[:space:]]*$')
 
-echo "== 1. carried wheels against the machine's packages ($KINDS)"
+echo "== 1. the wheels to copy against the GPU machine's packages ($KINDS)"
 "$PY" - "$KINDS" "$WHEELS" "${PINS[@]}" <<'PYEOF'
 import re, sys, zipfile
 from pathlib import Path
@@ -64,11 +65,11 @@ else
     echo "  no CPython 3.12 here: only the tag check (gpu_check_wheels.sh) speaks for 3.12"
 fi
 
-echo "== 3. what a device call carries"
+echo "== 3. the size of the copy"
 tree_bytes=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 -r du -cb 2>/dev/null | awk '/total$/ {s += $1} END {print s + 0}')
 wheel_bytes=$(du -sb "$WHEELS" | cut -f1)
 total=$((tree_bytes + wheel_bytes))
-echo "  working tree $((tree_bytes / 1024)) KiB + $WHEELS $((wheel_bytes / 1024)) KiB = $((total / 1048576)) MiB (limit 64 MiB)"
+echo "  working tree $((tree_bytes / 1024)) KiB + $WHEELS $((wheel_bytes / 1024)) KiB = $((total / 1048576)) MiB (kept under 64 MiB)"
 [ "$total" -lt $((64 * 1048576)) ] || { echo "  PROBLEM: over 64 MiB"; exit 1; }
 
 echo "== 4. the --tiny CPU check on the scratch install"

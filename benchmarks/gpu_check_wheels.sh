@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Fill benchmarks/gpu_wheels/ (git-ignored) with the wheels the GPU machine lacks, before a GPU loan. Run here, where
-# pip reaches a registry (that machine reaches none):
+# Fill benchmarks/gpu_wheels/ (git-ignored) with the wheels a GPU machine without network may lack, before copying
+# the checkout there (docs/gpu_check.md). Run where pip reaches a package index:
 #   bash benchmarks/gpu_check_wheels.sh
-# What that machine has is in /work/.library/device/KINDS.md: CPython 3.12.3 on Linux x86_64, torch 2.11,
-# transformers 5.17, accelerate 1.15, peft (version not listed), no trl, datasets, dill, multiprocess, deepspeed.
-# The pins are benchmarks/gpu_check_wheels.txt; each is fetched with --no-deps for CPython 3.12 (the machine) and for
-# this machine's Python (the dry run: benchmarks/gpu_check_dryrun.sh); multiprocess and regex have per-version
-# wheels. The folder must stay under ~60 MiB (64 MiB travel per call, the working tree included).
+# The GPU machine is expected to have Python with torch (CUDA), transformers, accelerate and peft. The pins are
+# benchmarks/gpu_check_wheels.txt; each is fetched with --no-deps for CPython 3.12 (change it in the loop below to
+# the GPU machine's Python) and for this machine's Python (the dry run: benchmarks/gpu_check_dryrun.sh);
+# multiprocess and regex have per-version wheels. The folder is kept under 60 MiB, so the copy stays small.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=benchmarks/gpu_wheels
