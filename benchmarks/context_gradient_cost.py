@@ -69,12 +69,10 @@ def make_rows(length: int, num_rows: int, seed: int = 0):
 
 
 def host_speed() -> dict:
-    """fp32 matmul GFLOP/s of this process, as the project's timing helpers measure it."""
-    try:
-        from trl_opsdl.timing import host_speed as measure
-    except ImportError:  # the timing helpers live beside the experiments
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-        from timing import host_speed as measure
+    """fp32 matmul GFLOP/s of this process, as the experiments' step timer measures it."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    from step_timing import host_speed as measure
+
     return measure()
 
 
