@@ -1,7 +1,7 @@
 """One prepared GPU check of trl_opsdl: the CUDA loss paths, memory against the planner, and throughput at 7B shape.
 
 Run on the GPU machine through `benchmarks/gpu_check.sh` (it installs the carried wheels first); on a CPU,
-`--tiny --device cpu` runs the same code at toy shapes, so the script cannot rot between GPU loans (CI does this,
+`--tiny --device cpu` runs the same code at toy shapes, so the script cannot rot between GPU runs (CI does this,
 `tests/test_gpu_check.py`).
 
     bash benchmarks/gpu_check.sh                                   # GPU machine: everything, within 8 minutes

@@ -2,7 +2,7 @@
 # Dry run of gpu_check.sh's installer on a CPU machine, before copying the checkout to the GPU machine
 # (docs/gpu_check.md):
 #   bash benchmarks/gpu_check_wheels.sh && bash benchmarks/gpu_check_dryrun.sh
-# 1. the wheels to copy against the GPU machine's package list (KINDS_MD=FILE: a text file with a line
+# 1. the wheels to copy against the GPU machine's package list (GPU_PACKAGES_FILE=FILE: a text file with a line
 #    "Packages: a, b, c." naming what that machine has installed; skipped when the file is missing): nothing copied
 #    that it has (except the pinned peft), every requirement of a copied wheel either copied or there;
 # 2. gpu_check.sh's install line (--no-index --no-deps --find-links) into scratch --target folders, with this Python
@@ -15,22 +15,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-KINDS="${KINDS_MD:-/work/.library/device/KINDS.md}"
+PACKAGES="${GPU_PACKAGES_FILE:-benchmarks/gpu_machine_packages.txt}"
 WHEELS=benchmarks/gpu_wheels
 SCRATCH="${SCRATCH:-$(mktemp -d /tmp/gpu_check_dryrun.XXXXXX)}"
 mapfile -t PINS < <(sed 's/#.*//' benchmarks/gpu_check_wheels.txt | grep -v '^[[:space:]]*$')
 
-echo "== 1. the wheels to copy against the GPU machine's packages ($KINDS)"
-"$PY" - "$KINDS" "$WHEELS" "${PINS[@]}" <<'PYEOF'
+echo "== 1. the wheels to copy against the GPU machine's packages ($PACKAGES)"
+"$PY" - "$PACKAGES" "$WHEELS" "${PINS[@]}" <<'PYEOF'
 import re, sys, zipfile
 from pathlib import Path
 from email.parser import Parser
-kinds, wheels, pins = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+packages_file, wheels, pins = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
-text = kinds.read_text() if kinds.exists() else ""
+text = packages_file.read_text() if packages_file.exists() else ""
 listed = re.search(r"Packages: (.*?)\.\s*$", text, re.M)
 machine = {norm(p.strip()) for p in listed.group(1).split(",")} if listed else set()
-print(f"  machine lists {len(machine)} packages" if machine else f"  {kinds} not found: step 1 skipped")
+print(f"  machine lists {len(machine)} packages" if machine else f"  {packages_file} not found: step 1 skipped")
 carried = {norm(p.split("==")[0]) for p in pins}
 problems = []
 for name in sorted(carried & machine):

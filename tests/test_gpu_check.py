@@ -1,4 +1,4 @@
-"""`benchmarks/gpu_check.py` cannot rot between GPU loans: its `--tiny --device cpu` run goes through every check's
+"""`benchmarks/gpu_check.py` cannot rot between GPU runs: its `--tiny --device cpu` run goes through every check's
 code, records one entry per check with a status and figures, and reports a wrong or NaN loss as a failure."""
 
 import json

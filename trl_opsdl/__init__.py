@@ -20,7 +20,7 @@ Tensor names end with their shape, one letter per dimension (`logp_BK` is a (B, 
 import importlib
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "OPSDLConfig": ".opsdl_config",
