@@ -70,11 +70,12 @@ def bpe_chat_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     return bpe_tokenizer(texts + [CHATML, "Answer the question using the text below."], vocab_size, chatml=True)
 
 
-def save_bpe_chat_model(path, seed: int = 0) -> str:
-    """A tiny Llama with the BPE chat tokenizer, saved as a model folder (as a converted GGUF would be)."""
+def save_bpe_chat_model(path, seed: int = 0, tokenizer=None) -> str:
+    """A tiny Llama with the BPE chat tokenizer (or `tokenizer`), saved as a model folder (as a converted GGUF would
+    be)."""
     import torch
 
-    tokenizer = bpe_chat_tokenizer()
+    tokenizer = tokenizer or bpe_chat_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -363,3 +363,27 @@ def test_real_demo_on_a_ruler_task_holds_out_the_evaluation_essays(tmp_path, mon
         assert row["answers"][0] in needle(row) and "essaymark" not in row["teacher_prompt"][-1]["content"]
     depths = [r["depth"] for r in sets["long_384"]]
     assert min(depths) < 20 and max(depths) > 80  # spread over the context, not the first rows' depths only
+
+
+def test_real_demo_mix_trains_an_equal_share_of_each_family_and_length_on_training_essays_only(tmp_path):
+    """`mix`: the training prompts are the listed RULER families in equal shares per (family, length), all over the
+    training essays (none of the held-out essays the bench measures on), and no family outside the mix."""
+    import collections
+    import re
+    from dataclasses import replace
+
+    from tests.real_fixtures import write_essays
+    from trl_opsdl.demo.config import RealDemoConfig
+    from trl_opsdl.demo.real import prepare, train_dataset
+
+    model = save_bpe_chat_model(tmp_path / "tiny")
+    config = RealDemoConfig(model=model, task="niah_single", essays=write_essays(tmp_path / "essays"))
+    config = replace(config, mix=("niah_single", "niah_multikey"), train_lengths=(512, 1024), max_steps=4,
+                     batch_size=2, num_eval_articles=4)  # fmt: skip
+    _, tokenizer, train_essays, held_out = prepare(config, log=lambda *_: None)
+    rows = train_dataset(config, tokenizer, train_essays).to_list()
+    shares = collections.Counter((r["task"], r["length"]) for r in rows)
+    assert shares == {(t, n): 2 for t in config.mix for n in (512, 1024)}
+    held_marks = {m for e in held_out for m in re.findall(r"essaymark\d+", e)}
+    train_marks = {m for r in rows for m in re.findall(r"essaymark\d+", r["prompt"][-1]["content"])}
+    assert train_marks and not train_marks & held_marks

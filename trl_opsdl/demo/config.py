@@ -50,6 +50,10 @@ class RealDemoConfig:
     task: str | None = None
     squad: str | None = None  # None: SQuAD v1.1 dev from PyPI, else from its publisher; or any SQuAD-format JSON file
     essays: str | None = None  # RULER tasks' haystack: None = the Paul Graham essays from PyPI; or a folder of .txt
+    # Train on a mixture of RULER families instead of `task` alone (e.g. niah_single,niah_multikey,vt,niah_multiquery):
+    # an equal share of the training prompts per (family, length), all from the training essays. () = `task` only.
+    # The demo still measures `task` before and after; `trl-opsdl bench ruler` measures every family (docs).
+    mix: tuple[str, ...] = ()
     # `--compare`'s short-context check from another source: None = SQuAD-shifts' New York Times set (fetched as
     # `squad`), or any SQuAD-format JSON file (its paragraphs + questions, no long context)
     squad_check: str | None = None

@@ -17,12 +17,12 @@ from the others.
 """
 
 import json
-import math
 import os
 import tempfile
 import time
 from dataclasses import asdict, replace
 
+from ..evaluation.metrics import interval95
 from .config import RealDemoConfig
 
 
@@ -67,9 +67,12 @@ def check_real_config(config: RealDemoConfig) -> None:
 
     if config.task not in ("squad", *RULER_TASKS):
         raise ValueError(f"task={config.task!r} is not 'squad' or a RULER task ({', '.join(RULER_TASKS)}).")
-    ruler_only, squad_only = {"essays"}, {"squad", "system_prompt"}  # options that the other kind would ignore
+    unknown = [t for t in config.mix if t not in RULER_TASKS]
+    if unknown or len(set(config.mix)) < len(config.mix):
+        raise ValueError(f"--mix {','.join(config.mix)}: list distinct RULER families among {', '.join(RULER_TASKS)}.")
+    ruler_only, squad_only = {"essays", "mix"}, {"squad", "system_prompt"}  # options that the other kind would ignore
     for name in sorted(ruler_only if config.task == "squad" else squad_only):
-        if getattr(config, name) is not None:
+        if getattr(config, name) not in (None, ()):
             other = "a RULER --task" if config.task == "squad" else "--task squad"
             raise ValueError(f"--{name.replace('_', '-')} goes with {other}, not with --task {config.task}.")
     if config.essays is not None and not os.path.isdir(config.essays):
@@ -111,19 +114,6 @@ def lora_config(config: RealDemoConfig):
 
 
 # --- scoring with intervals ------------------------------------------------------------------------------------------
-
-
-def interval95(scores: list[float]) -> tuple[float, float]:
-    """95% interval of a mean of per-question scores in [0, 100]: Wilson's for 0/100 scores, else normal."""
-    n = len(scores)
-    mean = sum(scores) / n
-    if all(s in (0.0, 100.0) for s in scores):
-        p, z = mean / 100, 1.96
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return round(100 * (centre - half), 1), round(100 * (centre + half), 1)
-    sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, n - 1))
-    return round(max(0.0, mean - 1.96 * sd / math.sqrt(n)), 1), round(min(100.0, mean + 1.96 * sd / math.sqrt(n)), 1)
 
 
 def measure(model, tokenizer, sets: dict, max_new_tokens: int, batch_size: int, log=print) -> dict:
@@ -215,14 +205,15 @@ def document_source(config: RealDemoConfig) -> str:
         ) from error
 
 
-def _ruler_pairs(config: RealDemoConfig, tokenizer, essays: list[str], lengths, num: int, seed: int):
-    """`num` rows of the RULER task `config.task` per length, over `essays` as the haystack (RULER's: the text from
-    its start, the needle lines at depths spread over the context), with made-up words as keys and values."""
+def _ruler_pairs(config: RealDemoConfig, tokenizer, essays: list[str], lengths, num: int, seed: int, tasks=None):
+    """`num` rows of the RULER task `config.task` (or of each of `tasks`) per length, over `essays` as the haystack
+    (RULER's: the text from its start, the needle lines at depths spread over the context), with made-up words as keys
+    and values."""
     from ..data.ruler import build_ruler
 
     # Whole essay sentences are the filler's units, and some run to ~60 tokens: a prompt can stop that far below its
     # target, past RULER's usual 5%.
-    return build_ruler(tokenizer, tasks=[config.task], lengths=lengths, num_samples=num, seed=seed,
+    return build_ruler(tokenizer, tasks=list(tasks or [config.task]), lengths=lengths, num_samples=num, seed=seed,
                        conversational=True, filler="\n\n".join(essays), value_type="words", tolerance=0.15)  # fmt: skip
 
 
@@ -295,18 +286,20 @@ def eval_sets(config: RealDemoConfig, tokenizer, held_out) -> dict:
 
 
 def train_dataset(config: RealDemoConfig, tokenizer, train_articles):
-    """`max_steps * batch_size` long prompts from the training articles, each question at one length in turn."""
+    """`max_steps * batch_size` long prompts from the training articles, each question at one length in turn; with
+    `config.mix`, an equal share per (family, length), shuffled together."""
     from datasets import concatenate_datasets
 
     from ..data.squad import build_squad_pairs
 
     total = config.max_steps * config.batch_size
     lengths = list(config.train_lengths)
-    per_length = -(-total // len(lengths))
+    families = list(config.mix) or [config.task]
+    per_length = -(-total // (len(lengths) * len(families)))  # rows per (family, length)
 
     def pairs(length, seed):
         if config.task != "squad":
-            return _ruler_pairs(config, tokenizer, train_articles, [length], per_length, seed)
+            return _ruler_pairs(config, tokenizer, train_articles, [length], per_length, seed, families)
         return build_squad_pairs(train_articles, tokenizer, [length], num_samples=per_length, seed=seed,
                                  system_prompt=config.system_prompt)  # fmt: skip
 

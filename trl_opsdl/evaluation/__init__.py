@@ -4,6 +4,7 @@
 - `evaluate`: `evaluate_dataset` (generate, score, aggregate), results to JSON and a plot.
 - `callback`: `OPSDLEvalCallback`, the same evaluation during training, rows sharded across ranks.
 - `longbench`: LongBench (v1) and v2 prompts and loaders for local files.
+- `ruler_bench`: `trl-opsdl bench ruler`, the RULER table (families x lengths + short prompts) with cached cells.
 
 The generator itself is `trl_opsdl.generation.greedy_generate` (the data extractors use it too, and the data package
 sits below the evaluation). Every name that `trl_opsdl.evaluation` exported before the split is still here.
@@ -39,6 +40,7 @@ from .metrics import (
     contains_answer,
     count_score,
     exact_match,
+    interval95,
     normalize_answer,
     parse_choice,
     retrieval_score,
@@ -71,6 +73,7 @@ __all__ = [
     "exact_match",
     "flatten_results",
     "greedy_generate",
+    "interval95",
     "load_longbench",
     "load_longbench_v2",
     "normalize_answer",

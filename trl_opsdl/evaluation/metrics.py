@@ -6,6 +6,7 @@ A new scorer is a function `(pred, refs) -> float` added to `METRICS` (and, for 
 
 import collections
 import difflib
+import math
 import re
 import string
 
@@ -148,6 +149,19 @@ def code_similarity(pred: str, refs) -> float:
     lines = [line for line in pred.lstrip("\n").split("\n") if not line.strip().startswith(("`", "#", "//"))]
     first = lines[0] if lines else ""
     return max(100.0 * difflib.SequenceMatcher(None, first, r).ratio() for r in _as_list(refs))
+
+
+def interval95(scores: list[float]) -> tuple[float, float]:
+    """95% interval of a mean of per-question scores in [0, 100]: Wilson's for 0/100 scores, else normal."""
+    n = len(scores)
+    mean = sum(scores) / n
+    if all(s in (0.0, 100.0) for s in scores):
+        p, z = mean / 100, 1.96
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return round(100 * (centre - half), 1), round(100 * (centre + half), 1)
+    sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, n - 1))
+    return round(max(0.0, mean - 1.96 * sd / math.sqrt(n)), 1), round(min(100.0, mean + 1.96 * sd / math.sqrt(n)), 1)
 
 
 METRICS = {

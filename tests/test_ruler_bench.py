@@ -1,0 +1,291 @@
+"""`trl-opsdl bench ruler`: the table's arithmetic against hand-computed values, finished cells never recomputed (a
+stopped run resumes), the `--quick` command end to end on a tiny BPE model, and bad input refused before any work."""
+
+import json
+import os
+
+import pytest
+
+from tests.real_fixtures import CHATML, save_bpe_chat_model, write_essays
+from trl_opsdl.cli import main
+from trl_opsdl.evaluation import ruler_bench
+from trl_opsdl.evaluation.ruler_bench import aggregate, bench_table, cell_summary, run_ruler_bench
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama whose BPE knows the essays, the made-up words and the templates (a 400-token BPE of other text
+    cuts made-up words into letters: the families' evidence alone would then outgrow 1,000 tokens), and essays."""
+    from tests.conftest import bpe_tokenizer
+    from trl_opsdl.data.reader import read_text_folder
+    from trl_opsdl.data.ruler import _ALL_TEMPLATE_TEXT, pseudo_words
+
+    folder = tmp_path_factory.mktemp("bench")
+    essays = write_essays(folder / "essays")
+    texts = [row["text"] for row in read_text_folder(essays)]
+    tokenizer = bpe_tokenizer(texts + [" ".join(pseudo_words(3000)), _ALL_TEMPLATE_TEXT, CHATML, "0123456789"],
+                              1000, chatml=True)  # fmt: skip
+    return save_bpe_chat_model(folder / "model", tokenizer=tokenizer), essays
+
+
+# --- the table's arithmetic --------------------------------------------------------------------------------------------
+
+
+def _cell(task, length, scores):
+    return {"task": task, "length": length, "metric": "string_match_all", **cell_summary(scores)}
+
+
+FIXED_CELLS = [
+    _cell("niah_single", "short", [100, 100, 0, 100]),
+    _cell("niah_single", 1024, [100, 0, 0, 0]),
+    _cell("niah_single", 2048, [0, 0, 0, 0]),
+    _cell("vt", "short", [100, 100, 100, 100]),
+    _cell("vt", 1024, [50, 50, 100, 0]),
+    _cell("vt", 2048, [25, 75, 25, 75]),
+]
+
+
+def test_cell_scores_and_intervals_hand_computed():
+    """Cells of 0/100 scores: Wilson's interval, e.g. 3 of 4: centre (0.75 + 1.96²/8) / (1 + 1.96²/4) = 0.6275, half
+    1.96·sqrt(0.75·0.25/4 + 1.96²/64) / (1 + 1.96²/4) = 0.3269 → [30.1, 95.4]. Partial scores (multi-answer): normal,
+    50 ± 1.96·sd/√n with sd of [50, 50, 100, 0] = 40.82 → [10.0, 90.0]. A cell's se is its interval's width / 3.92."""
+    by = {(c["task"], c["length"]): c for c in FIXED_CELLS}
+    assert by[("niah_single", "short")]["ci95"] == [30.1, 95.4] and by[("niah_single", "short")]["score"] == 75
+    assert by[("niah_single", 1024)]["ci95"] == [4.6, 69.9]
+    assert by[("niah_single", 2048)]["ci95"] == [0.0, 49.0] and by[("niah_single", 2048)]["se"] == 12.5
+    assert by[("vt", "short")]["ci95"] == [51.0, 100.0] and by[("vt", "short")]["se"] == 12.5  # not 0: Wilson's
+    assert by[("vt", 1024)]["ci95"] == [10.0, 90.0] and by[("vt", 1024)]["se"] == pytest.approx(20.4082, abs=1e-4)
+    assert by[("vt", 2048)]["ci95"] == [21.7, 78.3]
+
+
+def test_table_means_over_families_per_length_and_overall_hand_computed():
+    """RULER: a length's score is the mean over families, overall the mean over all (family, length) cells; each
+    mean's 95% half-width is sqrt(Σ h²)/k over its k cells' half-widths h (niah_single 32.65, 24.5 at 1024/2048 and
+    32.65 short; vt 40.0, 28.3, and 24.5 short)."""
+    table = aggregate(FIXED_CELLS, ["niah_single", "vt"], [1024, 2048])
+    assert table["by_length"]["1024"] == {"score": 37.5, "ci95": [11.7, 63.3]}  # (25 + 50)/2 ± √(32.65² + 40²)/2
+    assert table["by_length"]["2048"] == {"score": 25.0, "ci95": [6.3, 43.7]}  # (0 + 50)/2 ± √(24.5² + 28.3²)/2
+    assert table["overall"] == {"score": 31.25, "ci95": [15.3, 47.2]}  # (25 + 0 + 50 + 50)/4 ± √(Σ of the 4)/4
+    assert table["short"] == {"score": 87.5, "ci95": [67.1, 100.0]}  # (75 + 100)/2 ± 20.4, clipped at 100
+    assert table["by_task"]["niah_single"]["mean"] == {"score": 12.5, "ci95": [0.0, 32.9]}
+    assert table["by_task"]["vt"]["mean"] == {"score": 50.0, "ci95": [25.5, 74.5]}
+    assert table["by_task"]["vt"]["lengths"]["2048"]["score"] == 50.0
+    markdown = bench_table({"table": table})
+    assert "| **average over families** | 87.5 [67, 100] | 37.5 [12, 63] | 25.0 [6, 44] | 31.2 [15, 47] |" in markdown
+    with pytest.raises(ValueError, match="missing"):
+        aggregate(FIXED_CELLS[:-1], ["niah_single", "vt"], [1024, 2048])
+
+
+# --- the cache ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_finished_cell_is_never_recomputed_and_a_stopped_run_resumes(tiny, tmp_path, monkeypatch):
+    model, essays = tiny
+    calls = []
+    real_score_cell = ruler_bench.score_cell
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_score_cell(*args, **kwargs)
+
+    options = dict(model=model, documents=essays, lengths=[512], tasks="niah_single,fwe", num_samples=2,
+                   max_new_tokens=4, progress=False, log=lambda *_: None)  # fmt: skip
+    out = str(tmp_path / "out")
+
+    # A run stopped after its first cell (the second raises) leaves that cell behind, whole.
+    def stops_on_second(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        return counting(*args, **kwargs)
+
+    monkeypatch.setattr(ruler_bench, "score_cell", stops_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_ruler_bench(out, **options)
+    assert [n.endswith(".json") for n in os.listdir(os.path.join(out, "cells"))] == [True]  # no .tmp left
+
+    monkeypatch.setattr(ruler_bench, "score_cell", counting)
+    first = run_ruler_bench(out, **options)
+    assert len(calls) == 4  # 1 before the stop + the 3 others of 2 families x (short + 512)
+
+    def refuses(*args, **kwargs):
+        raise AssertionError("a cached cell was recomputed")
+
+    monkeypatch.setattr(ruler_bench, "score_cell", refuses)
+    again = run_ruler_bench(out, **options)  # another process, the same cells: nothing to compute
+    assert again["table"] == first["table"]
+
+    # Another answer budget is another cell: computed, the cached ones untouched.
+    monkeypatch.setattr(ruler_bench, "score_cell", counting)
+    run_ruler_bench(out, **{**options, "max_new_tokens": 5, "tasks": "fwe"})
+    assert len(calls) == 6
+
+
+def test_a_cell_claimed_by_a_live_process_is_left_to_it_and_a_dead_ones_claim_is_taken_over(tiny, tmp_path,
+                                                                                               monkeypatch):  # fmt: skip
+    """Processes side by side: a cell another live process has claimed is not computed here — this run waits until
+    that process writes it; a claim left by a process that died is taken over and the cell computed."""
+    import socket
+    import subprocess
+    import sys
+
+    model, essays = tiny
+    options = dict(model=model, documents=essays, lengths=[512], tasks="niah_single", num_samples=1,
+                   max_new_tokens=2, progress=False, log=lambda *_: None)  # fmt: skip
+    out = tmp_path / "out"
+    first = run_ruler_bench(str(out), **options)
+    (path,) = [p for p in (out / "cells").iterdir() if p.name.startswith("niah_single-512-")]
+    finished = path.read_text()
+
+    def claim(pid):
+        path.unlink()
+        (out / "cells" / (path.name + ".claim")).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+
+    calls = []
+    stub = {**cell_summary([100.0]), "metric": "string_match_all", "prompt_tokens": 1.0, "predictions": []}
+    monkeypatch.setattr(ruler_bench, "score_cell", lambda *a, **k: calls.append(1) or dict(stub))
+
+    def other_process_finishes(seconds):  # what this run sees while it waits: the holder writes the cell
+        path.write_text(finished)
+        (out / "cells" / (path.name + ".claim")).unlink()
+
+    claim(os.getppid())  # a live process
+    monkeypatch.setattr(ruler_bench.time, "sleep", other_process_finishes)
+    assert run_ruler_bench(str(out), **options)["table"] == first["table"] and calls == []
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim(int(dead.stdout))
+    monkeypatch.setattr(ruler_bench.time, "sleep", lambda s: pytest.fail("waited on a dead process's claim"))
+    taken_over = run_ruler_bench(str(out), **options)
+    assert calls == [1] and taken_over["table"]["by_task"]["niah_single"]["lengths"]["512"]["score"] == 100.0
+    assert not list((out / "cells").glob("*.claim"))
+
+
+def test_an_adapter_is_merged_and_gets_cells_of_its_own(tiny, tmp_path, monkeypatch):
+    """The cache key holds the adapter: the same model with an adapter is another model (its cells are computed, not
+    read from the bare model's), and the adapter's weights are in the model that answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model, essays = tiny
+    adapter = str(tmp_path / "adapter")
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
+                                LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))  # fmt: skip
+    peft_model.save_pretrained(adapter)
+    seen = []
+    real_score_cell = ruler_bench.score_cell
+
+    def recording(model_, *args, **kwargs):
+        seen.append(model_.model.layers[0].self_attn.q_proj.weight.detach().clone())
+        return real_score_cell(model_, *args, **kwargs)
+
+    monkeypatch.setattr(ruler_bench, "score_cell", recording)
+    options = dict(model=model, documents=essays, lengths=[512], tasks="niah_single", num_samples=1,
+                   max_new_tokens=2, progress=False, log=lambda *_: None)  # fmt: skip
+    out = str(tmp_path / "out")
+    run_ruler_bench(out, **options)
+    results = run_ruler_bench(out, adapter=adapter, **options)
+    assert len(seen) == 4 and results["label"] == "adapter"
+    assert not torch.equal(seen[0], seen[2])  # merged LoRA: other q_proj weights
+
+
+# --- the command -------------------------------------------------------------------------------------------------------
+
+
+def test_quick_bench_end_to_end_writes_json_markdown_plot(tiny, tmp_path, capsys):
+    model, essays = tiny
+    out = tmp_path / "out"
+    argv = ["bench", "ruler", "--quick", "--model", model, "--documents", essays, "--output-dir", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "ruler_bench.json").read_text())
+    table = results["table"]
+    assert table["tasks"] == list(ruler_bench.RULER_TASKS) and table["lengths"] == [512, 1024]
+    assert len(results["cells"]) == 7 * 3 and {c["n"] for c in results["cells"]} == {2}
+    # The table is the means of the cells it was given.
+    long_cells = [c for c in results["cells"] if c["length"] != "short"]
+    assert table["overall"]["score"] == pytest.approx(sum(c["score"] for c in long_cells) / 14, abs=0.01)
+    at_512 = [c["score"] for c in long_cells if c["length"] == 512]
+    assert table["by_length"]["512"]["score"] == pytest.approx(sum(at_512) / 7, abs=0.01)
+    assert "| fwe |" in (out / "ruler_bench.md").read_text()
+    assert (out / "ruler_bench.png").stat().st_size > 10_000
+
+    # The same model against itself as the baseline: every cell cached, dashed lines and a table of zero changes.
+    baseline = tmp_path / "base.json"
+    baseline.write_text((out / "ruler_bench.json").read_text())
+    assert main(argv + ["--baseline", str(baseline)]) == 0
+    markdown = (out / "ruler_bench.md").read_text()
+    assert "Change against the baseline" in markdown and "| fwe | +0.0 | +0.0 | +0.0 | +0.0 |" in markdown
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tasks", "niah_single,needle"], "--tasks ['needle']: unknown RULER family"),
+        (["--lengths", "0"], "--lengths [0]: lengths must be positive"),
+        (["--lengths", "50"], "--lengths 50 leaves no room for a prompt"),
+        (["--lengths", "512,4096"], "--lengths 4096 is beyond the model's window (max_position_embeddings 2048)"),
+        (["--num-samples", "0"], "--num-samples 0: must be positive"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0: must be positive"),
+        (["--batch-size", "0"], "--batch-size 0: must be positive"),
+        (["--num-eval-documents", "0"], "--num-eval-documents 0: must be positive"),
+        (["--adapter", "nowhere/"], "--adapter 'nowhere/' holds no adapter_config.json"),
+        (["--documents", "nowhere/"], "--documents 'nowhere/' is not a folder"),
+        (["--baseline", "nowhere.json"], "--baseline 'nowhere.json' is not a file"),
+    ],
+)
+def test_bad_bench_input_is_one_line_before_any_work(tiny, tmp_path, capsys, extra, message):
+    model, essays = tiny
+    out = tmp_path / "out"
+    argv = ["bench", "ruler", "--quick", "--model", model, "--documents", essays, "--output-dir", str(out), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()  # nothing was computed or written
+
+
+@pytest.mark.parametrize("model", ["./missing-model", "missing.gguf"])
+def test_a_missing_model_path_is_one_line_before_any_work(tiny, tmp_path, capsys, model):
+    out = tmp_path / "out"
+    assert main(["bench", "ruler", "--quick", "--model", model, "--output-dir", str(out)]) == 2
+    assert f"--model {model!r} does not exist" in capsys.readouterr().err and not out.exists()
+
+
+# --- the documents: the bench's held-out essays, the recipe's training essays ----------------------------------------
+
+
+def test_bench_essays_are_the_ones_demo_real_holds_out_and_build_data_trains_on_the_others(tiny, tmp_path,
+                                                                                         monkeypatch, capsys):  # fmt: skip
+    """Without --documents the bench reads the essays `demo --real --seed s` holds out; `build-data ruler --filler
+    essays --split train` writes a mixture of families x lengths over the other essays only."""
+    import re
+    from dataclasses import replace
+
+    import trl_opsdl.downloads as sources
+    from trl_opsdl.demo.config import RealDemoConfig
+    from trl_opsdl.demo.real import prepare
+
+    model, essays = tiny
+    monkeypatch.setattr(sources, "essays_path", lambda cache_dir=None: essays)
+    config = replace(RealDemoConfig(model=model, task="niah_single"), num_eval_articles=4, seed=3)
+    _, _, train, held_out = prepare(config, log=lambda *_: None)
+    assert ruler_bench.held_out_documents(None, num_eval_documents=4, split_seed=3) == held_out
+
+    out = tmp_path / "mix.jsonl"
+    argv = ["build-data", "ruler", "--tokenizer", model, "--filler", "essays", "--split", "train", "--seed", "3",
+            "--num-eval-documents", "4", "--tasks", "niah_single,niah_multikey", "--lengths", "512,1024",
+            "--num-samples", "2", "--value-type", "words", "--conversational", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["task"], r["length"]) for r in rows) == sorted(
+        [(t, n) for t in ("niah_single", "niah_multikey") for n in (512, 1024)] * 2
+    )
+    held_marks = {m for e in held_out for m in re.findall(r"essaymark\d+", e)}
+    marks = {m for r in rows for m in re.findall(r"essaymark\d+", r["prompt"][-1]["content"])}
+    assert marks and not marks & held_marks
+
+    capsys.readouterr()
+    assert main(argv[:4] + ["--split", "train"] + argv[8:-1] + [str(tmp_path / "x.jsonl")]) == 2
+    assert "--split train splits the essays; pass --filler essays" in capsys.readouterr().err
+    assert main(argv[:-1] + [str(tmp_path / "y.jsonl"), "--num-eval-documents", "0"]) == 2
+    assert "--num-eval-documents 0: must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "y.jsonl").exists()
