@@ -30,7 +30,11 @@ CASES = {
     "ema_peft": ("opsdl", "ema", True),
     "distill": ("distillation", "teacher", False),
     "distill_peft": ("distillation", "teacher", True),
+    # The long prompt's keys/values without gradient: generation's cache, kept and split with the batch on each rank
+    "base_peft_context_none": ("opsdl", "base", True),
+    "ema_context_none": ("opsdl", "ema", False),
 }
+CONTEXT_NONE_CASES = {"base_peft_context_none", "ema_context_none"}
 GLOBAL_BATCH = 4  # rows per optimizer step, whatever the process count
 NUM_ROWS = 8
 MAX_COMPLETION_LENGTH = 6
@@ -50,7 +54,15 @@ def _setup_process_group():
         PartialState(backend="gloo")
 
 
-def _make_args(trainer_kind: str, teacher: str, output_dir: str, num_processes: int, steps: int, optim: str):
+def _make_args(
+    trainer_kind: str,
+    teacher: str,
+    output_dir: str,
+    num_processes: int,
+    steps: int,
+    optim: str,
+    context_gradient="full",
+):
     from accelerate.state import AcceleratorState
 
     # Each case builds its own Accelerator; keep the process group, drop the previous case's DeepSpeed plugin.
@@ -81,7 +93,7 @@ def _make_args(trainer_kind: str, teacher: str, output_dir: str, num_processes: 
     if trainer_kind == "opsdl":
         from trl_opsdl import OPSDLConfig
 
-        args = OPSDLConfig(teacher_model_kind=teacher, **common)
+        args = OPSDLConfig(teacher_model_kind=teacher, context_gradient=context_gradient, **common)
     else:
         from trl import DistillationConfig
 
@@ -102,7 +114,8 @@ def run_case(name: str, model_dir: str, out_dir: str, num_processes: int, steps:
 
     trainer_kind, teacher, use_peft = CASES[name]
     case_dir = os.path.join(out_dir, name)
-    args = _make_args(trainer_kind, teacher, case_dir, num_processes, steps, optim)
+    context_gradient = "none" if name in CONTEXT_NONE_CASES else "full"
+    args = _make_args(trainer_kind, teacher, case_dir, num_processes, steps, optim, context_gradient)
     dataset = Dataset.from_list(kv_rows(NUM_ROWS, seed=0))
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if use_peft else None
     kwargs = dict(

@@ -31,7 +31,7 @@ from tests.dist_worker import CASES, run_case, save_models
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "accelerate_configs"
-OPSDL_CASES = ["base_peft", "base", "live", "ema", "ema_peft"]
+OPSDL_CASES = ["base_peft", "base", "live", "ema", "ema_peft", "base_peft_context_none", "ema_context_none"]
 LAUNCH_CASES = ["distill", *OPSDL_CASES]  # `distill` (TRL's own DistillationTrainer) checks the harness itself
 LAYOUTS = {  # name -> (config file, extra environment, zero stage)
     "ddp": ("ddp.yaml", {"ACCELERATE_USE_CPU": "1"}, None),
