@@ -174,6 +174,9 @@ def test_context_gradient_none_keeps_the_context_keys_values_instead_of_its_acti
     server = estimate(qwen7b, RunShape(**{**run.__dict__, "context_gradient": "none", "generation": "vllm-server"}))
     assert server.components["context keys/values (context_gradient none)"] == kept / 2 + saved
     assert "context prefill" in server.phases and "context prefill" not in none.phases
+    # flash attention reads the 4 grouped key/value heads as they are: nothing repeated to 28
+    flash = estimate(qwen7b, RunShape(**{**none.run.__dict__, "attn_implementation": "flash_attention_2"}))
+    assert flash.components["context keys/values (context_gradient none)"] == kept + saved * 4 / 28
 
 
 def test_plan_cli_takes_context_gradient(capsys):
@@ -217,6 +220,7 @@ def test_cheapest_fit_adds_gpus_when_one_cannot_hold_it(qwen7b):
         ({"context_gradient": "partial"}, "context_gradient='partial'"),
         ({"context_gradient": "none", "sp_size": 2, "num_gpus": 2}, "sp_size=2 has nothing to split"),
         ({"context_prefill_chunk_size": 0}, "context_prefill_chunk_size=0"),
+        ({"attn_implementation": "eager"}, "attn_implementation='eager'"),
     ],
 )
 def test_bad_runs_are_refused_with_the_value(qwen7b, overrides, message):

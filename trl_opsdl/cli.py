@@ -703,6 +703,12 @@ def _add_plan(subparsers):
         help="context_gradient: 'none' keeps the prompt's keys/values without gradient (the student's forward and "
         "backward over the completion only).",
     )
+    p.add_argument(
+        "--attn-implementation",
+        choices=("sdpa", "flash_attention_2"),
+        default="sdpa",
+        help="The model's attention kernel: SDPA repeats grouped keys/values where attention needs a mask.",
+    )
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the CPU path (calibration).")
     p.set_defaults(run=_run_plan)
 
@@ -736,6 +742,7 @@ def _run_plan(args):
         generation=args.generation,
         prefill_chunk_size=args.prefill_chunk_size,
         context_gradient=args.context_gradient,
+        attn_implementation=args.attn_implementation,
     )
     model = load_model_shape(args.model)
     plan = estimate(model, run)

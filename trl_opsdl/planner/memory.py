@@ -37,6 +37,9 @@ DEVICES = ("cuda", "cpu")
 # vLLM server on other GPUs (`use_vllm=True, vllm_mode="server"`: nothing generated on the training GPUs).
 GENERATION_MODES = ("gathered", "sharded", "vllm-server")
 CONTEXT_GRADIENTS = ("full", "none")  # OPSDLConfig.context_gradient
+# The model's attention kernel: transformers' SDPA path repeats keys/values to the query head count whenever attention
+# needs a mask; flash attention reads grouped keys/values as they are.
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
 # CUDA context, NCCL and cuBLAS workspaces (fixed), plus an allowance for allocator fragmentation (share of the GPU).
 CUDA_RESERVE_BYTES = 2 * GIB
 FRAGMENTATION_SHARE = 0.05
@@ -162,6 +165,7 @@ class RunShape:
     prefill_chunk_size: int | None = None  # generation_kwargs={"prefill_chunk_size": N}: the prompt N tokens at a time
     context_gradient: str = "full"  # OPSDLConfig.context_gradient
     context_prefill_chunk_size: int = 4096  # OPSDLConfig.context_prefill_chunk_size (used after vLLM generation)
+    attn_implementation: str = "sdpa"  # the model's `attn_implementation`
 
     @property
     def teacher_length(self) -> int:
@@ -183,6 +187,8 @@ class RunShape:
             parts.append(f"--prefill-chunk-size {self.prefill_chunk_size}")
         if self.context_gradient != "full":
             parts.append(f"--context-gradient {self.context_gradient}")
+        if self.attn_implementation != "sdpa":
+            parts.append(f"--attn-implementation {self.attn_implementation}")
         return " ".join(parts)
 
     def describe(self) -> str:
@@ -262,6 +268,8 @@ def validate_run(model: ModelShape, run: RunShape) -> None:
         raise ValueError(f"prefill_chunk_size={run.prefill_chunk_size} must be at least 1 token, or None.")
     if run.generation not in GENERATION_MODES:
         raise ValueError(f"generation={run.generation!r} is not one of {GENERATION_MODES}.")
+    if run.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={run.attn_implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")
     if run.context_gradient not in CONTEXT_GRADIENTS:
         raise ValueError(f"context_gradient={run.context_gradient!r} is not one of {CONTEXT_GRADIENTS}.")
     if run.context_prefill_chunk_size < 1:
@@ -297,7 +305,7 @@ def activation_bytes(model: ModelShape, run: RunShape, tokens: int, checkpointed
     h, i, hd = model.hidden_size, model.intermediate_size, model.head_dim
     # Keys/values are saved with their own head count when attention runs without a padding mask (GQA kernels);
     # with padding (batch > 1) transformers' SDPA path repeats them to the query head count first.
-    kv_heads = model.num_kv_heads if run.batch_size == 1 else model.num_heads
+    kv_heads = model.num_kv_heads if run.batch_size == 1 or flash(run) else model.num_heads
     # RMSNorm keeps its fp32 input and its normalized output, and the projections after it keep that output: x2 norms
     norms = 2 * (4 * h + 2 * b * h + 4)
     # q and k after RoPE, v, the attention output (shared with o_proj's input) and the fp32 log-sum-exp per head
@@ -334,6 +342,10 @@ def _prefill_bytes(model: ModelShape, run: RunShape, batch: int, total_tokens: i
         transient += batch * chunk * total_tokens * 5  # the mask, bool + float
         transient += batch * 2 * model.num_kv_heads * hd * b * total_tokens  # one layer's cache, copied by torch.cat
     return transient
+
+
+def flash(run: RunShape) -> bool:
+    return run.attn_implementation == "flash_attention_2"
 
 
 def student_tokens_full(run: RunShape) -> int:
@@ -445,7 +457,8 @@ def estimate(model: ModelShape, run: RunShape) -> Plan:
         context_kv = kv_per_token * model.num_kv_heads * run.context_length * kept_rows
         # Each layer's attention saves its keys/values (context + completion) for the backward; transformers' SDPA path
         # repeats them to the query head count first (a mask is needed: queries and keys differ in length).
-        context_saved = kv_per_token * model.num_heads * student_tokens_full(run)
+        saved_heads = model.num_kv_heads if flash(run) else model.num_heads
+        context_saved = kv_per_token * saved_heads * student_tokens_full(run)
         if run.generation == "vllm-server":
             context_prefill = _no_grad_forward_bytes(
                 model, run, run.batch_size * min(run.context_length, run.context_prefill_chunk_size)
