@@ -185,3 +185,8 @@ def test_example_script_trains_lora_on_a_qwen2_folder_and_saves(tmp_path):
     # the model type would split these words into byte-level pieces and drop the content words.
     assert first["opsdl/prompt_length"] == 36 and first["opsdl/teacher_prompt_length"] == 11
     assert first["opsdl/reverse_kl"] > 0
+
+
+def test_the_script_takes_context_gradient(tmp_path):
+    _, config, _ = parse("--dataset_name", "x.jsonl", "--output_dir", str(tmp_path), "--context_gradient", "none")
+    assert config.context_gradient == "none" and config.context_prefill_chunk_size == 4096
