@@ -1139,7 +1139,7 @@ def wheel_fits(filename: str, python_version: str) -> bool:
 
 def check_wheels(folder: Path, requirements: list, python_version: str, limit_mib: float) -> list:
     """Problems with the carried wheels: a pinned requirement with no fitting wheel, two fitting versions of one
-    package, or more than `limit_mib` in all. Empty when the folder is ready to carry."""
+    package, or more than `limit_mib` in all. Empty when the folder is ready to copy."""
     problems, fitting = [], {}
     wheels = sorted(folder.rglob("*.whl"))
     for wheel in wheels:

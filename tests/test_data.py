@@ -35,7 +35,7 @@ def content(prompt):
 
 
 def check_ruler_acceptance(dataset, tokenizer):
-    """Issue 3's acceptance: answers in both prompts, length within 5%, teacher prompt at most a tenth at 4096."""
+    """Answers in both prompts, length within 5%, teacher prompt at most a tenth at 4096."""
     seen = set()
     for row in dataset:
         seen.add((row["task"], row["length"]))

@@ -180,8 +180,8 @@ def test_every_real_compare_method_is_a_valid_trainer_setting(where, name, spec)
 
 
 def test_real_demo_without_any_squad_source_is_one_line_before_the_model(tiny, tmp_path, capsys, monkeypatch):
-    """Neither the package index nor the publisher serves SQuAD (as on this project's machines since bigbench 1.0.0
-    left the index): one line that says to pass --squad, and the model is never prepared."""
+    """Neither the package index nor the publisher serves SQuAD (a machine that reaches PyPI only, now that bigbench
+    1.0.0 left the index): one line that says to pass --squad, and the model is never prepared."""
     from trl_opsdl import downloads, gguf
 
     model, squad = tiny
