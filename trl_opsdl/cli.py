@@ -491,7 +491,7 @@ def _add_demo(subparsers):
     defaults = DemoConfig()
     for field in dataclasses.fields(DemoConfig):
         default = getattr(defaults, field.name)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = (",".join(map(str, default)) or "none") if isinstance(default, tuple) else default
         p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
                        help=f"Default: {shown}.", **_demo_field_type(field))  # fmt: skip
     # `--real`: the real-model demo (docs/real_demo.md); its own fields are options too, the shared ones above apply.
@@ -509,7 +509,7 @@ def _add_demo(subparsers):
         if field.name in shared or field.name == "extra":
             continue
         default = getattr(real_defaults, field.name)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = (",".join(map(str, default)) or "none") if isinstance(default, tuple) else default
         shown = f"{shown} (squad when --squad is given)" if field.name == "task" else shown
         real.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
                           help=f"With --real. Default: {shown}.", **_demo_field_type(field))  # fmt: skip
