@@ -7,6 +7,7 @@ Tensor names end with their shape, one letter per dimension (`logp_BK` is a (B, 
     B  rows of a batch
     L  tokens of a whole row, prompt + completion, padded: what the model reads
     K  completion tokens of a row, padded
+    P  prompt tokens of a row, left-padded (L = P + K)
     N  loss tokens: the completion positions of the whole batch, flattened, padding removed
     C  a chunk of those N positions (the losses compute chunk by chunk)
     J  the top-k tokens kept at a position (`distillation_mode="topk_logits"`); U = J + 1: those and the rest

@@ -7,7 +7,7 @@ forward with gradient covers only the positions whose hidden states are projecte
     positions 0 .. P-2          the context: per-layer keys/values, no gradient (from generation's cache, or a prefill)
     positions P-1 .. P+K-2      last prompt token + completion[:-1]: forward with gradient, attending to the context
 
-(P: the left-padded prompt width, K: the completion width.) Position P-1 (the last prompt token, whose hidden state
+(P: the left-padded prompt width, K: the completion width, L = P + K.) Position P-1 (the last prompt token, whose hidden state
 predicts the first completion token) is in the gradient part: the loss positions are exactly those of the full
 forward. The gradient equals that of the full forward in which the key and value projections of positions 0..P-2 are
 detached — it flows through the completion positions' queries, keys, values and MLPs and their attention over the
@@ -18,8 +18,9 @@ values generation's prefill computed for the prompt are exactly the student's: t
 per layer, `context_kv_<layer>`, shuffled and split with the rest by TRL) and used once per micro-batch. Where they
 cannot be kept (vLLM, tool calls) or are stale (the optimizer stepped since), a chunked no-grad prefill recomputes them.
 
-Shapes: B rows, P prompt width, C = P - 1 context positions, K completion width, Hkv key/value heads, D head size,
-Lyr layers. A layer's kept tensor is `kv_B2HCD` (keys and values stacked on dim 1).
+Shapes follow the package's legend (`trl_opsdl/__init__.py`); here the P axis of a kept tensor holds the P - 1
+context positions (the prompt but its last token), A counts key/value heads, and a layer's kept tensor is `kv_B2APD`
+(keys and values stacked on dim 1).
 """
 
 import contextlib
@@ -37,10 +38,10 @@ class FrozenPrefixLayer(DynamicLayer):
     """One layer's context keys/values, read-only: `update` returns them with the new positions appended but stores
     nothing, so a checkpointed layer's recompute in the backward sees the same states as its forward."""
 
-    def __init__(self, keys_BHCD: torch.Tensor, values_BHCD: torch.Tensor):
+    def __init__(self, keys_BAPD: torch.Tensor, values_BAPD: torch.Tensor):
         super().__init__()
-        self.keys, self.values = keys_BHCD, values_BHCD
-        self.device = keys_BHCD.device
+        self.keys, self.values = keys_BAPD, values_BAPD
+        self.device = keys_BAPD.device
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -51,7 +52,7 @@ class FrozenPrefixLayer(DynamicLayer):
 
 
 def frozen_prefix_cache(kv_by_layer: list[torch.Tensor]) -> Cache:
-    """A cache over per-layer `kv_B2HCD` tensors that never grows."""
+    """A cache over per-layer `kv_B2APD` tensors that never grows."""
     return Cache(layers=[FrozenPrefixLayer(kv[:, 0], kv[:, 1]) for kv in kv_by_layer])
 
 
@@ -88,10 +89,10 @@ def _cache_kwarg(backbone) -> str:
     return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
-def position_ids(attention_mask_BT: torch.Tensor) -> torch.Tensor:
+def position_ids(attention_mask_BL: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only (left padding gets 0), as HF generate numbers them."""
-    positions_BT = attention_mask_BT.long().cumsum(-1) - 1
-    return positions_BT.masked_fill(attention_mask_BT == 0, 0)
+    positions_BL = attention_mask_BL.long().cumsum(-1) - 1
+    return positions_BL.masked_fill(attention_mask_BL == 0, 0)
 
 
 @contextlib.contextmanager
@@ -113,36 +114,36 @@ def checkpoint_with_read_only_cache(model):
 
 
 @torch.no_grad()
-def prefill(backbone, input_ids_BC: torch.Tensor, attention_mask_BC: torch.Tensor, chunk_size: int):
-    """The context's per-layer `kv_B2HCD` without gradient, `chunk_size` positions per forward: the peak is the cache
+def prefill(backbone, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, chunk_size: int):
+    """The context's per-layer `kv_B2APD` without gradient, `chunk_size` positions per forward: the peak is the cache
     plus one chunk's activations, whatever the context length."""
     cache = DynamicCache()
-    positions_BC = position_ids(attention_mask_BC)
-    context_len = input_ids_BC.size(1)
+    positions_BP = position_ids(attention_mask_BP)
+    context_len = input_ids_BP.size(1)
     for start in range(0, context_len, chunk_size):
         end = min(start + chunk_size, context_len)
         backbone(
-            input_ids=input_ids_BC[:, start:end],
-            attention_mask=attention_mask_BC[:, :end],
-            position_ids=positions_BC[:, start:end],
+            input_ids=input_ids_BP[:, start:end],
+            attention_mask=attention_mask_BP[:, :end],
+            position_ids=positions_BP[:, start:end],
             use_cache=True,
             **{_cache_kwarg(backbone): cache},
         )
     return [torch.stack([layer.keys, layer.values], dim=1) for layer in cache.layers]
 
 
-def completion_hidden_states(backbone, kv_by_layer, input_ids_BT, attention_mask_BT, logits_to_keep: int):
+def completion_hidden_states(backbone, kv_by_layer, input_ids_BL, attention_mask_BL, logits_to_keep: int):
     """Last hidden states of the K positions that predict the completion tokens, the context read from `kv_by_layer`.
 
-    `input_ids_BT` is prompt + completion (T = P + K); the forward with gradient runs over positions P-1 .. T-2.
+    `input_ids_BL` is prompt + completion (L = P + K); the forward with gradient runs over positions P-1 .. L-2.
     """
-    context_len = input_ids_BT.size(1) - logits_to_keep - 1
-    positions_BT = position_ids(attention_mask_BT)
+    context_len = input_ids_BL.size(1) - logits_to_keep - 1
+    positions_BL = position_ids(attention_mask_BL)
     with checkpoint_with_read_only_cache(backbone):
         out = backbone(
-            input_ids=input_ids_BT[:, context_len:-1],
-            attention_mask=attention_mask_BT[:, :-1],
-            position_ids=positions_BT[:, context_len:-1],
+            input_ids=input_ids_BL[:, context_len:-1],
+            attention_mask=attention_mask_BL[:, :-1],
+            position_ids=positions_BL[:, context_len:-1],
             use_cache=True,
             **{_cache_kwarg(backbone): frozen_prefix_cache(kv_by_layer)},
         )
