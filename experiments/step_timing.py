@@ -11,6 +11,8 @@ the optimizer hooks every `TrainerCallback` gets:
 
 import time
 
+from trl_opsdl.host import host_speed  # noqa: F401 - re-exported: the experiments' scripts read it here
+
 
 class StepTimer:
     """Accumulates seconds per phase of each optimizer step of one trainer; [`summary`] gives means and shares."""
@@ -97,36 +99,3 @@ class StepTimer:
                 for phase, v in means.items()
             },
         }
-
-
-def host_speed(size: int = 1024, repeats: int = 10) -> dict:
-    """The CPU a run's seconds were measured on, and how fast it multiplies: fp32 `size`×`size` matmuls at torch's
-    thread count, GFLOP/s = 2·size³ / seconds (best of `repeats`). The same 2-core machine kind has run the real demo
-    3.5× slower on one host than on another, so runtimes are read against this figure."""
-    import platform
-
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(5):  # warm-up: a cold process measured 29 GFLOP/s on its first matmuls, 67 from then on
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return {
-        "cpu": cpu,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "matmul_gflops_fp32": round(2 * size**3 / best / 1e9, 1),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }

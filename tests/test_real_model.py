@@ -130,6 +130,7 @@ def _quick(tmp_path, model, task="squad"):
     for setting in written["after"].values():
         assert set(setting) >= {"contains", "f1", "em", "n", "ci95"} and setting["n"] == 4
     assert any(line.startswith("  opsdl step 2/2  loss") for line in lines), "progress must be visible"
+    assert written["train_seconds"] > 0 and written["host"]["matmul_gflops_fp32"] > 0  # timings beside the host
     assert (tmp_path / "out" / "accuracy_vs_context.png").stat().st_size > 1000
     # --eval-steps 1: a curve point after each of the 2 steps, on the longest setting's questions, long and short
     assert [p["step"] for p in written["curve"]] == [1, 2] and set(written["curve"][0]) == {

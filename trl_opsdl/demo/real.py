@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, replace
 
 from ..evaluation.metrics import interval95
+from ..host import host_speed
 from .config import RealDemoConfig
 
 
@@ -366,6 +367,7 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
         "after": after,
         **curve_record(curve),
         "train_seconds": round(train_seconds, 1),
+        "host": host_speed(),  # the seconds above are read against it
         "settings": _settings(config, model_path),
         "runtime_seconds": round(time.time() - start, 1),
     }

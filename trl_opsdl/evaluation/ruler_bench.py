@@ -24,6 +24,7 @@ import socket
 import time
 
 from ..data.ruler import RULER_TASKS
+from ..host import host_speed
 from .metrics import interval95, row_metric, score
 
 
@@ -466,6 +467,7 @@ def run_ruler_bench(
         "num_samples": num_samples,
         "seed": seed,
         "max_new_tokens": budgets,
+        "host": host_speed(),  # the cells' seconds are read against it
         "table": aggregate(cells, tasks, lengths),
         "cells": [{k: v for k, v in c.items() if k != "predictions"} for c in cells],
     }
