@@ -5,7 +5,6 @@ import torch
 from peft import LoraConfig
 
 from tests.conftest import config, generate, trainer_for
-from trl_opsdl import OPSDLTrainer
 from trl_opsdl.context_cache import CONTEXT_KV_PREFIX, CONTEXT_KV_STEP
 
 
@@ -165,8 +164,3 @@ def test_training_with_none_learns(tmp_path):
 def test_bad_context_gradient_settings_are_refused(tmp_path, fields, match):
     with pytest.raises(ValueError, match=match):
         config(tmp_path, **fields)
-
-
-def test_none_is_a_trainer_option(tmp_path):
-    trainer = trainer_for(tmp_path, context_gradient="none")
-    assert isinstance(trainer, OPSDLTrainer) and trainer.args.context_gradient == "none"

@@ -449,14 +449,11 @@ class OPSDLTrainer(DistillationTrainer):
             teacher_ids_list, teacher_prompts, self.args.max_teacher_prompt_length, "teacher_prompt"
         )
         teacher_ids = [torch.tensor(ids) for ids in teacher_ids_list]
-        device = self.accelerator.device
+        pad_id, device = self._tokenizer.pad_token_id, self.accelerator.device
+        masks = [torch.ones_like(t) for t in teacher_ids]
         return {
-            "teacher_prompt_ids": pad(teacher_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(
-                device
-            ),
-            "teacher_prompt_mask": pad(
-                [torch.ones_like(t) for t in teacher_ids], padding_value=0, padding_side="left"
-            ).to(device),
+            "teacher_prompt_ids": pad(teacher_ids, padding_value=pad_id, padding_side="left").to(device),
+            "teacher_prompt_mask": pad(masks, padding_value=0, padding_side="left").to(device),
         }
 
     def _loss_mask(self, output):
