@@ -88,3 +88,92 @@ def test_real_variants_run_files_hold_the_step_time_split_of_opsdl_runs(tmp_path
     sft = json.loads((out / "runs" / "sft_self-seed0.json").read_text())
     assert sft["step_time_split"] == {} and sft["host"]["matmul_gflops_fp32"] > 0  # no OPSDL phases to time
     assert "| opsdl | 1 |" in (out / "compare.md").read_text()
+
+
+# --- ruler_transfer.py: the RULER-in-miniature comparison -------------------------------------------------------------
+
+
+def _bench_results(scores: dict, short: dict, lengths=(1024, 2048)) -> dict:
+    """A `ruler_bench.json` as `bench ruler` writes it, from per-family scores (n = 2 rows of 0/100 per cell)."""
+    from trl_opsdl.evaluation.ruler_bench import aggregate, cell_summary
+
+    def rows(score):  # two rows whose mean is `score`
+        return [score, score]
+
+    cells = [{"task": t, "length": "short", **cell_summary(rows(short[t]))} for t in scores]
+    cells += [
+        {"task": t, "length": n, **cell_summary(rows(s))} for t, per in scores.items() for n, s in zip(lengths, per)
+    ]
+    return {"table": aggregate(cells, list(scores), list(lengths))}
+
+
+def test_ruler_transfer_summary_hand_computed():
+    import ruler_transfer
+
+    results = _bench_results({"a": [80, 60], "b": [40, 20], "c": [30, 10]}, {"a": 90, "b": 50, "c": 70})
+    row = ruler_transfer.model_summary(results, trained=["a"], held_out=["b", "c"], longest_trained=1024)
+    assert (row["1024"], row["2048"]) == (pytest.approx(50), pytest.approx(30))  # (80+40+30)/3, (60+20+10)/3
+    assert row["trained"] == 70 and row["held_out"] == 25  # (80+60)/2; (40+20+30+10)/4
+    assert row["beyond"] == pytest.approx(30)  # every family at 2,048 only
+    assert row["short"] == pytest.approx(70) and row["short_by_task"] == {"a": 90, "b": 50, "c": 70}
+
+    other = ruler_transfer.model_summary(_bench_results({"a": [80, 60], "b": [60, 30], "c": [40, 10]},
+                                                        {"a": 90, "b": 50, "c": 70}),
+                                         trained=["a"], held_out=["b", "c"], longest_trained=1024)  # fmt: skip
+    table = ruler_transfer.transfer_table({"base": [row], "opsdl": [row, other]})
+    assert table["opsdl"]["held_out"] == {"mean": 30.0, "std": pytest.approx(7.07, abs=0.01)}  # 25 and 35
+    assert table["base"]["held_out"] == {"mean": 25.0, "std": None} and table["opsdl"]["seeds"] == 2
+    markdown = ruler_transfer.transfer_markdown(table, [1024, 2048])
+    # 1,024: 50 and (80+60+40)/3 = 60; 2,048: 30 and (60+30+10)/3 = 33.3; trained 70 twice; held out 25 and 35
+    assert "| OPSDL (mix) | 2 | 55.0 ± 7.1 | 31.7 ± 2.4 | 70.0 ± 0.0 | 30.0 ± 7.1 |" in markdown
+
+
+def test_ruler_transfer_recipe_holds_families_out_and_benches_beyond_training():
+    import ruler_transfer
+
+    assert len(ruler_transfer.HELD_OUT) >= 3 and not set(ruler_transfer.MIX) & set(ruler_transfer.HELD_OUT)
+    assert max(ruler_transfer.BENCH_LENGTHS) >= 4 * max(ruler_transfer.TRAIN_LENGTHS)
+
+
+def test_ruler_transfer_runs_each_step_once_with_commands_that_parse(tmp_path, monkeypatch):
+    """The steps in order (base bench, then per seed and method: train, bench with the adapter against the base), each
+    a command `trl-opsdl` parses; a step whose result exists is skipped, so a stopped run resumes."""
+    import ruler_transfer
+
+    from tests.test_docs import cli_parser
+
+    commands = []
+
+    def fake_step(command, log_file):
+        commands.append(command)
+        args = cli_parser().parse_args(command[1:])
+        out = Path(args.output_dir)
+        if args.command == "bench":
+            out.mkdir(parents=True)
+            (out / "ruler_bench.json").write_text(
+                json.dumps(
+                    _bench_results(
+                        {t: [50, 40, 30] for t in ruler_transfer.MIX + ruler_transfer.HELD_OUT},
+                        {t: 60 for t in ruler_transfer.MIX + ruler_transfer.HELD_OUT},
+                        ruler_transfer.BENCH_LENGTHS,
+                    )
+                )
+            )
+        else:
+            assert args.save_model and args.compare and tuple(args.mix) == ruler_transfer.MIX
+            run = out / "runs" / f"{args.methods}-seed{args.seeds[0]}.json"
+            run.parent.mkdir(parents=True, exist_ok=True)
+            run.write_text(json.dumps({"adapter": str(out / "models" / run.stem)}))
+
+    monkeypatch.setattr(ruler_transfer, "run_step", fake_step)
+    out = tmp_path / "rt"
+    assert ruler_transfer.main(["--output-dir", str(out), "--seeds", "0"]) == 0
+    kinds = [(c[1], c[c.index("--output-dir") + 1].split("/")[-1]) for c in commands]
+    assert kinds == [("bench", "base"), ("demo", "compare"), ("bench", "opsdl-seed0"), ("demo", "compare"),
+                     ("bench", "sft_self-seed0")]  # fmt: skip
+    assert commands[2][commands[2].index("--adapter") + 1] == str(out / "compare" / "models" / "opsdl-seed0")
+    assert set(json.loads((out / "transfer.json").read_text())) == {"base", "opsdl", "sft_self"}
+
+    commands.clear()
+    assert ruler_transfer.main(["--output-dir", str(out), "--seeds", "0,1", "--methods", "opsdl"]) == 0
+    assert [c[1] for c in commands] == ["demo", "bench"]  # only seed 1 is new

@@ -218,6 +218,36 @@ def test_real_compare_gives_a_method_with_more_steps_its_own_prompts_and_records
     assert all("short_nyt" in runs[m]["scores"] for m in methods)  # the short check, from --squad-check's file
 
 
+def test_real_compare_save_model_writes_each_trained_adapter_for_bench_ruler(tmp_path):
+    """`--compare --save-model`: each (method, seed)'s trained LoRA adapter goes to models/<method>-seed<k> (what
+    `bench ruler --adapter` loads), named in its run file; merged into the base model it gives the trained weights."""
+    from dataclasses import replace
+
+    import torch
+
+    from trl_opsdl.demo.config import RealDemoConfig
+    from trl_opsdl.demo.real import quick_config
+    from trl_opsdl.demo.real_compare import run_real_compare
+    from trl_opsdl.evaluation.ruler_bench import load_bench_model
+
+    model = save_bpe_chat_model(tmp_path / "tiny")
+    squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
+    config = RealDemoConfig(model=model, squad=squad, output_dir=str(tmp_path / "cmp"), short_check=False)
+    run_real_compare(replace(quick_config(config), save_model=True), {"opsdl": {}, "sft_self": {"trainer": "sft_self"}},
+                     seeds=(0,), log=lambda *_: None)  # fmt: skip
+    base = load_bench_model(model)
+    for name in ("opsdl", "sft_self"):
+        run = json.loads((tmp_path / "cmp" / "runs" / f"{name}-seed0.json").read_text())
+        assert run["adapter"] == str(tmp_path / "cmp" / "models" / f"{name}-seed0")
+        trained = load_bench_model(model, run["adapter"])
+        moved = [n for n, p in trained.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+        assert moved  # the adapter holds trained (non-zero) LoRA updates, merged into the weights
+
+    run_real_compare(quick_config(config), {"opsdl": {}}, seeds=(1,), log=lambda *_: None)
+    assert "adapter" not in json.loads((tmp_path / "cmp" / "runs" / "opsdl-seed1.json").read_text())
+    assert not (tmp_path / "cmp" / "models" / "opsdl-seed1").exists()
+
+
 def test_real_compare_without_the_short_check_needs_no_source_for_it(tmp_path, monkeypatch):
     """`short_check=False` (--no-short-check): where SQuAD-shifts can't be had, the comparison runs without it."""
 

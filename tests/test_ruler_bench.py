@@ -189,6 +189,30 @@ def test_an_adapter_is_merged_and_gets_cells_of_its_own(tiny, tmp_path, monkeypa
     assert not torch.equal(seen[0], seen[2])  # merged LoRA: other q_proj weights
 
 
+def test_dtype_loads_the_model_in_that_precision_and_keys_its_own_cells(tiny, tmp_path, monkeypatch):
+    """`--dtype bfloat16` answers with a bf16 model, and its cells are not the fp32 run's (greedy answers differ
+    a little between precisions); the precision is written beside the table."""
+    import torch
+
+    model, essays = tiny
+    seen = []
+    real_score_cell = ruler_bench.score_cell
+
+    def recording(model_, *args, **kwargs):
+        seen.append(model_.dtype)
+        return real_score_cell(model_, *args, **kwargs)
+
+    monkeypatch.setattr(ruler_bench, "score_cell", recording)
+    options = dict(model=model, documents=essays, lengths=[512], tasks="niah_single", num_samples=1,
+                   max_new_tokens=2, progress=False, log=lambda *_: None)  # fmt: skip
+    out = str(tmp_path / "out")
+    assert run_ruler_bench(out, **options)["dtype"] == "float32"  # "auto" on a CPU
+    results = run_ruler_bench(out, dtype="bfloat16", **options)
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2 and results["dtype"] == "bfloat16"
+    run_ruler_bench(out, dtype="float32", **options)  # = the "auto" run's cells: nothing computed
+    assert len(seen) == 4
+
+
 # --- the command -------------------------------------------------------------------------------------------------------
 
 
@@ -232,6 +256,7 @@ def test_quick_bench_end_to_end_writes_json_markdown_plot(tiny, tmp_path, capsys
         (["--adapter", "nowhere/"], "--adapter 'nowhere/' holds no adapter_config.json"),
         (["--documents", "nowhere/"], "--documents 'nowhere/' is not a folder"),
         (["--baseline", "nowhere.json"], "--baseline 'nowhere.json' is not a file"),
+        (["--dtype", "float16"], "--dtype 'float16' is not one of auto, bfloat16, float32"),
     ],
 )
 def test_bad_bench_input_is_one_line_before_any_work(tiny, tmp_path, capsys, extra, message):

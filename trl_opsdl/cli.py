@@ -421,6 +421,8 @@ def _add_bench(subparsers):
     r.add_argument("--seed", type=int, default=0, help="Seeds the rows (every model gets the same ones).")
     r.add_argument("--max-new-tokens", type=int, default=None, help="Answer budget for all (default: per family).")
     r.add_argument("--batch-size", type=int, default=4, help="Prompts per generate call.")
+    r.add_argument("--dtype", default="auto",
+                   help="Precision: auto (bf16 on a GPU, else fp32), bfloat16 (fast on CPUs with AMX) or float32.")  # fmt: skip
     r.add_argument("--baseline", default=None, help="The base model's ruler_bench.json: dashed lines, changes.")
     r.add_argument("--label", default=None, help="This model's name in the plot (default: its folder name).")
     r.add_argument("--quick", action="store_true", help="Toy sizes for CI: lengths 512,1024, 2 rows, 8 tokens.")
@@ -438,7 +440,7 @@ def _run_bench_ruler(args):
     run_ruler_bench(
         args.output_dir, model=args.model, adapter=args.adapter, tasks=args.tasks, documents=args.documents,
         num_eval_documents=args.num_eval_documents, split_seed=args.split_seed, seed=args.seed,
-        batch_size=args.batch_size, baseline=args.baseline, label=args.label, **sizes,
+        batch_size=args.batch_size, dtype=args.dtype, baseline=args.baseline, label=args.label, **sizes,
     )  # fmt: skip
     return 0
 

@@ -88,19 +88,35 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens: int, batch_size: 
     return outputs
 
 
-def load_model(path: str, flag: str = "--model"):
+# `load_model`'s precisions, named as TRL's `ModelConfig.dtype` names them.
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+def resolve_dtype(dtype: str = "auto") -> str:
+    """The precision `load_model(..., dtype)` loads in: "bfloat16" or "float32"."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}; pick one of them.")
+    if dtype == "auto":
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return dtype
+
+
+def load_model(path: str, flag: str = "--model", dtype: str = "auto"):
     """
-    A causal LM ready to generate: on the GPU in bf16 where one supports it, else on the CPU in fp32 (bf16 matmuls are
-    slow or missing on CPUs). A model that fails to load (truncated weights, a wrong config) is one `ValueError`
-    naming `flag` and the folder.
+    A causal LM ready to generate. `dtype="auto"`: on the GPU in bf16 where one supports it, else on the CPU in fp32
+    (bf16 matmuls are slow or missing on most CPUs); `"bfloat16"` / `"float32"` force one (bf16 on a CPU with AMX,
+    e.g. Intel Sapphire Rapids, runs long prompts ~2-3x faster than fp32). A model that fails to load (truncated
+    weights, a wrong config) is one `ValueError` naming `flag` and the folder.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = resolve_dtype(dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except Exception as error:  # noqa: BLE001 - truncated weights, a wrong config: one line naming the folder
         raise ValueError(
             f"{flag} {path!r} could not be loaded ({type(error).__name__}: {error}). Check the folder: a complete "

@@ -168,6 +168,12 @@ def run_real_method(
         record_extra = instrument(trainer, kind) if instrument else dict
         trainer.train()
     seconds = time.time() - start
+    saved = {}
+    if config.save_model:  # the adapter (MBs, not the model): `trl-opsdl bench ruler --adapter` benches it
+        adapter_dir = Path(config.output_dir) / "models" / f"{name}-seed{config.seed}"
+        trainer.model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        saved = {"adapter": str(adapter_dir)}
     model = trainer.model.merge_and_unload().eval()
     log(f"{name} seed {config.seed} (trained in {seconds:.0f}s):")
     scores = measure(model, tokenizer, sets, config.eval_max_new_tokens, config.eval_batch_size, log)
@@ -177,6 +183,7 @@ def run_real_method(
         "scores": scores,
         "train_seconds": round(seconds, 1),
         "train_prompts": len(dataset),
+        **saved,
         **curve_record(curve),
         **record_extra(),
     }

