@@ -86,11 +86,8 @@ def model_summary(results: dict, trained=MIX, held_out=HELD_OUT, longest_trained
     lengths = [str(n) for n in table["lengths"]]
     by_task = table["by_task"]
 
-    def mean(values):
-        return sum(values) / len(values)
-
-    def families_mean(families, at):
-        return mean([by_task[t]["lengths"][n]["score"] for t in families if t in by_task for n in at])
+    def families_mean(families, at):  # a family missing from the bench is a KeyError, not a mean over fewer
+        return statistics.fmean(by_task[t]["lengths"][n]["score"] for t in families for n in at)
 
     beyond = [n for n in lengths if int(n) > longest_trained]
     return {
@@ -115,18 +112,14 @@ def transfer_table(summaries: dict) -> dict:
             if isinstance(runs[0][key], dict) or runs[0][key] is None:
                 continue
             values = [r[key] for r in runs]
-            columns[key] = {"mean": round(mean_of(values), 2),
+            columns[key] = {"mean": round(statistics.fmean(values), 2),
                             "std": round(statistics.stdev(values), 2) if len(values) > 1 else None}  # fmt: skip
-        columns["short_by_task"] = {t: round(mean_of([r["short_by_task"][t] for r in runs]), 2)
+        columns["short_by_task"] = {t: round(statistics.fmean(r["short_by_task"][t] for r in runs), 2)
                                     for t in runs[0]["short_by_task"]}  # fmt: skip
-        columns["by_task"] = {t: {n: round(mean_of([r["by_task"][t][n] for r in runs]), 2) for n in runs[0]["by_task"][t]}
-                              for t in runs[0]["by_task"]}  # fmt: skip
+        columns["by_task"] = {t: {n: round(statistics.fmean(r["by_task"][t][n] for r in runs), 2) for n in lengths}
+                              for t, lengths in runs[0]["by_task"].items()}  # fmt: skip
         table[method] = {"seeds": len(runs), **columns}
     return table
-
-
-def mean_of(values):
-    return sum(values) / len(values)
 
 
 def transfer_markdown(table: dict, lengths) -> str:
@@ -193,8 +186,9 @@ def main(argv=None) -> int:
             for method in methods:
                 adapter = train(out, method, seed, args.quick)
                 bench(out, f"{method}-seed{seed}", args.quick, adapter)
-                write_summary(out)
-    write_summary(out)
+                write_summary(out)  # the table grows as each model's bench ends
+    else:
+        write_summary(out)
     return 0
 
 

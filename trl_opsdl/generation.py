@@ -92,12 +92,13 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens: int, batch_size: 
 DTYPES = ("auto", "bfloat16", "float32")
 
 
-def resolve_dtype(dtype: str = "auto") -> str:
-    """The precision `load_model(..., dtype)` loads in: "bfloat16" or "float32"."""
+def resolve_dtype(dtype: str = "auto", flag: str = "dtype") -> str:
+    """The precision `load_model(..., dtype)` loads in: "bfloat16" or "float32". An unknown `dtype` is one
+    `ValueError` naming `flag`."""
     import torch
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}; pick one of them.")
+        raise ValueError(f"{flag} {dtype!r} is not one of {', '.join(DTYPES)}; pick one of them.")
     if dtype == "auto":
         return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     return dtype

