@@ -72,6 +72,9 @@ def test_table_means_over_families_per_length_and_overall_hand_computed():
     assert table["by_task"]["vt"]["lengths"]["2048"]["score"] == 50.0
     markdown = bench_table({"table": table})
     assert "| **average over families** | 87.5 [67, 100] | 37.5 [12, 63] | 25.0 [6, 44] | 31.2 [15, 47] |" in markdown
+    assert "| 0.0 [0, 49] |" in markdown and "[-0," not in markdown  # Wilson at p = 0: a lower bound of +0
+    # a cell cached before interval95 clamped holds -0.0 from rounding; the table still prints 0
+    assert ruler_bench._fmt({"score": 0.0, "ci95": [-0.0, 11.4]}) == "0.0 [0, 11]"
     with pytest.raises(ValueError, match="missing"):
         aggregate(FIXED_CELLS[:-1], ["niah_single", "vt"], [1024, 2048])
 

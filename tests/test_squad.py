@@ -1,6 +1,7 @@
 """The real-document builder (SQuAD-format articles → long/short pairs) and the scorers of generative readers."""
 
 import json
+import math
 
 import pytest
 
@@ -149,6 +150,10 @@ def test_interval95_hand_computed():
     assert (low, high) == (21.9, 39.6)
     low, high = interval95([50.0, 50.0, 50.0])
     assert (low, high) == (50.0, 50.0)
+    low, high = interval95([0.0] * 30)  # Wilson, p=0, n=30: (0, 0.114); the bound is +0, not -0 (printed "[-0, 11]")
+    assert (low, high) == (0.0, 11.4) and math.copysign(1.0, low) == 1.0
+    low, high = interval95([100.0] * 30)
+    assert (low, high) == (88.6, 100.0)
 
 
 def test_ruler_builders_take_the_essays_as_haystack(monkeypatch):

@@ -159,7 +159,8 @@ def interval95(scores: list[float]) -> tuple[float, float]:
         p, z = mean / 100, 1.96
         centre = (p + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return round(100 * (centre - half), 1), round(100 * (centre + half), 1)
+        # at p = 0 the lower bound is 0 up to rounding (-1e-17 would print as "-0"): clamp to [0, 100]
+        return round(max(0.0, 100 * (centre - half)), 1), round(min(100.0, 100 * (centre + half)), 1)
     sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, n - 1))
     return round(max(0.0, mean - 1.96 * sd / math.sqrt(n)), 1), round(min(100.0, mean + 1.96 * sd / math.sqrt(n)), 1)
 

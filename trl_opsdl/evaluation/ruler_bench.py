@@ -299,6 +299,7 @@ def aggregate(cells: list[dict], tasks, lengths) -> dict:
 
 def _fmt(entry: dict) -> str:
     low, high = entry["ci95"]
+    low = max(0.0, low)  # cells cached before interval95 clamped may hold -0.0
     return f"{entry['score']:.1f} [{low:.0f}, {high:.0f}]"
 
 
