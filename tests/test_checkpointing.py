@@ -79,3 +79,61 @@ def test_training_with_selective_checkpointing_equals_training_without(tmp_path)
     assert losses_a == pytest.approx(losses_b, rel=1e-5)
     for a, b in zip(params_a, params_b, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+class _MatmulShapes(TorchDispatchMode):
+    """The (left, right) shapes of every `mm` that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.mm.default:
+            self.shapes[(tuple(args[0].shape), tuple(args[1].shape))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_checkpointing_recomputes_lora_b_and_keeps_the_base_matmuls():
+    # LoRA's B projection ([T, r] @ [r, out]) writes an output as large as the base projection's: keeping it would
+    # double what the matmuls keep, so the policy recomputes it (r/in of the base FLOPs) and keeps everything else.
+    # (FlopCounterMode is not used here: its module hooks add view ops to PEFT's recompute, which SAC then refuses.)
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = tiny_tokenizer()
+    ids = torch.randint(4, len(tokenizer), (2, 12))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    rank = 4
+    results = {}
+    for policy in ("none", "selective"):
+        model = tiny_model(tokenizer, hidden_size=128)  # every B's width (>= 64) is at least 16 x the rank
+        lora = LoraConfig(r=rank, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        model = get_peft_model(model, lora)
+        if policy == "selective":
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": SELECTIVE_CHECKPOINTING}
+            )
+        model.enable_input_require_grads()  # in both: the same gradient matmuls (down to the embeddings' output)
+        model.train()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        with _MatmulShapes() as mms:
+            loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[policy] = (mms.shapes, grads)
+
+    (mm_none, grads_none), (mm_sel, grads_sel) = results.values()
+    base = model.get_base_model()
+    layers, tokens = base.config.num_hidden_layers, ids.numel()
+    outs = [m.out_features for n, m in base.model.layers[0].named_modules() if n.endswith(tuple(targets))]
+    assert len(outs) == len(targets)
+    # The backward's extra matmuls are B's forwards, once per layer, and nothing of the base model. The recompute stops
+    # once it has what the backward needs: down_proj's output only enters the residual sum, which saves nothing, so its
+    # B is never rerun (the other six feed a saved tensor: RoPE, attention, the norm, the gated product).
+    expected = Counter()
+    for name, out in zip(targets, outs, strict=True):
+        if name != "down_proj":
+            expected[((tokens, rank), (rank, out))] += layers
+    assert mm_sel - mm_none == expected and not mm_none - mm_sel
+    assert grads_sel.keys() == grads_none.keys()
+    for name, g_ref in grads_none.items():
+        torch.testing.assert_close(grads_sel[name], g_ref, rtol=1e-5, atol=1e-7)

@@ -130,3 +130,55 @@ def test_wheel_tags_and_the_carried_folder(tmp_path):
     assert not any(p.startswith("trl") for p in problems)
     pins = gpu_check.read_requirements(BENCHMARKS / "gpu_check_wheels.txt")
     assert "trl==1.16.0" in pins and all("==" in pin for pin in pins)
+
+
+H100_RUN = (
+    Path(__file__).resolve().parents[1] / "docs" / "results" / "gpu_check" / "h100-2026-12-06" / "gpu_check.json"
+)
+
+
+def test_the_planner_predicts_the_h100_run_within_15_percent():
+    # The first GPU run (one H100, 7B-shaped model, LoRA r=16 on every projection, bf16, PEFT's fp32 adapters) found
+    # the planner 16-19% low on generation and training at 32K, 37% high with the context detached, and 18% low on the
+    # multi-tile loss; each gap had a cause in the code (docs/results.md#on-a-gpu). Against that run's figures the
+    # planner must now be within 15% everywhere it measured, and must say that what ran out of memory cannot fit.
+    from trl_opsdl.planner.memory import GIB
+
+    record = json.loads(H100_RUN.read_text())
+    checks = {entry["id"]: entry for entry in record["checks"]}
+    shapes = gpu_check.GPU_SHAPES
+    config = gpu_check.model_config(shapes, max(shapes.lengths) + shapes.completion_length + 16)
+    setup = gpu_check.ModelSetup(config, None, None, "bf16", 79.18)
+    compared = []
+    for length in shapes.lengths:
+        for check_id, context in ((f"opsdl_step/{length}/full/sdpa", "full"),
+                                  (f"opsdl_step/{length}/full/sdpa/context_none", "none")):  # fmt: skip
+            if check_id not in checks:
+                continue
+            figures = checks[check_id]["figures"]
+            plan = gpu_check.plan_step(setup, length, shapes.completion_length, "full", "cuda", context)
+            phases = plan["phases"]
+            planned = {
+                "training": max(phases[k] for k in ("loss", "backward", "optimizer step")),
+                "teacher_forward": phases["teacher forward"],
+                "generation": gpu_check.planned_first_generation(plan),
+            }
+            for phase, value in planned.items():
+                measured = figures.get(f"{phase}_peak_gib")
+                if measured is not None:
+                    compared.append((f"{check_id} {phase}", measured, value / GIB))
+    generation = checks["generation/32768"]["figures"]
+    plan = gpu_check.planner_estimate(config, 32768, shapes.generation_new_tokens, True, "bf16", "cuda", 79.18)
+    compared.append(("generation/32768", generation["peak_gib"], gpu_check.planned_first_generation(plan) / GIB))
+    for positions, vocab in shapes.loss_memory_cases:
+        figures = checks[f"loss_memory/{positions}x{vocab}"]["figures"]
+        planned = gpu_check.loss_memory_planned(positions, vocab, shapes, "cuda")
+        compared.append((f"loss_memory/{positions}x{vocab}", figures["fused_gib"], planned / GIB))
+    assert len(compared) == 12  # 8K and 32K: 3 phases each; 32K detached: 2; generation; 3 loss shapes
+    off = [(name, measured, round(planned, 2)) for name, measured, planned in compared
+           if abs(planned / measured - 1) > gpu_check.MEMORY_TOLERANCE]  # fmt: skip
+    assert off == []
+    # 8K without checkpointing ran out of memory on the 79 GiB card: the planner must not have it fit
+    plan = gpu_check.plan_step(setup, 8192, shapes.completion_length, "none", "cuda")
+    assert checks["opsdl_step/8192/none/sdpa"]["status"] == "error"
+    assert plan["peak"] + plan["reserve"] > 79.18 * GIB

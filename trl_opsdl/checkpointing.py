@@ -7,6 +7,11 @@ in the MLP — which are cheap to recompute, while the compute is in the matmuls
 checkpointing (`torch.utils.checkpoint.create_selective_checkpoint_contexts`) lets a policy choose per op: here, the
 outputs of matmuls and attention kernels are kept and everything else is recomputed from them.
 
+One kind of matmul is recomputed too: a low-rank expansion, whose inner dimension is at most 1/16 of its output width
+— LoRA's B projection (`[T, r] @ [r, out]`). Its output is as large as the base projection's, so keeping it would
+double what the matmuls keep (on an H100, a 7B model with LoRA on every projection ran out of memory at 8K tokens with
+it kept), while recomputing it costs r/in of the base projection's FLOPs.
+
 What it costs (docs/scaling.md has the measurements): about a fifth less peak memory than no checkpointing; the
 elementwise recompute is a small share of a step where attention dominates (long prompts) and a larger one on short
 prompts.
@@ -47,9 +52,27 @@ def saved_ops() -> frozenset:
     return frozenset(ops)
 
 
+LOW_RANK_RATIO = 16  # an mm whose inner dimension is at most 1/16 of its output width is recomputed (LoRA's B)
+
+
+def low_rank_expansion(op, args) -> bool:
+    """Whether this `mm`/`addmm` expands a low-rank input: `[M, K] @ [K, N]` with `K * LOW_RANK_RATIO <= N`."""
+    packet = op.overloadpacket
+    if packet is torch.ops.aten.mm:
+        left, right = args[0], args[1]
+    elif packet is torch.ops.aten.addmm:
+        left, right = args[1], args[2]
+    else:
+        return False
+    return left.shape[-1] * LOW_RANK_RATIO <= right.shape[-1]
+
+
 def keep_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """The policy: keep the outputs of matmuls and attention, recompute every other op in the backward."""
-    return CheckpointPolicy.MUST_SAVE if op in saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+    """The policy: keep the outputs of matmuls (but low-rank expansions) and attention, recompute every other op in
+    the backward."""
+    if op in saved_ops() and not low_rank_expansion(op, args):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class SelectiveCheckpointing(str):

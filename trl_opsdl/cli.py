@@ -699,6 +699,13 @@ def _add_plan(subparsers):
         help="Prefill the prompt N tokens at a time (generation_kwargs={'prefill_chunk_size': N}).",
     )
     p.add_argument(
+        "--activation-checkpointing-policy",
+        choices=("full", "selective"),
+        default="full",
+        help="With gradient checkpointing: 'full' keeps one hidden state per layer, 'selective' the outputs of matmuls "
+        "and attention (OPSDLConfig.activation_checkpointing_policy).",
+    )
+    p.add_argument(
         "--context-gradient",
         choices=("full", "none"),
         default="full",
@@ -738,6 +745,7 @@ def _run_plan(args):
         lora_rank=args.lora_rank,
         sp_size=args.sp_size,
         gradient_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_policy=args.activation_checkpointing_policy,
         dtype=args.dtype,
         device=args.device,
         teacher_kind=args.teacher_kind,

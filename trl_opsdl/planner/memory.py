@@ -37,6 +37,7 @@ DEVICES = ("cuda", "cpu")
 # vLLM server on other GPUs (`use_vllm=True, vllm_mode="server"`: nothing generated on the training GPUs).
 GENERATION_MODES = ("gathered", "sharded", "vllm-server")
 CONTEXT_GRADIENTS = ("full", "none")  # OPSDLConfig.context_gradient
+CHECKPOINTING_POLICIES = ("full", "selective")  # OPSDLConfig.activation_checkpointing_policy
 # The model's attention kernel: transformers' SDPA path repeats keys/values to the query head count whenever attention
 # needs a mask; flash attention reads grouped keys/values as they are.
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
@@ -158,6 +159,9 @@ class RunShape:
     lora_rank: int | None = None
     sp_size: int = 1
     gradient_checkpointing: bool = True
+    # OPSDLConfig.activation_checkpointing_policy, with checkpointing on: "full" keeps one hidden state per layer,
+    # "selective" the outputs of matmuls and attention (trl_opsdl/checkpointing.py)
+    activation_checkpointing_policy: str = "full"
     dtype: str = "bf16"
     device: str = "cuda"
     teacher_kind: str = "base"
@@ -181,6 +185,8 @@ class RunShape:
         if self.lora_rank:
             parts.append(f"--lora-rank {self.lora_rank}")
         parts.append("--gradient-checkpointing" if self.gradient_checkpointing else "--no-gradient-checkpointing")
+        if self.gradient_checkpointing and self.activation_checkpointing_policy != "full":
+            parts.append(f"--activation-checkpointing-policy {self.activation_checkpointing_policy}")
         if self.generation != "gathered":
             parts.append(f"--generation {self.generation}")
         if self.prefill_chunk_size:
@@ -199,6 +205,8 @@ class RunShape:
         )
         training = f"LoRA r={self.lora_rank}" if self.lora_rank else "full fine-tuning"
         checkpointing = "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing"
+        if self.gradient_checkpointing and self.activation_checkpointing_policy != "full":
+            checkpointing = f"{self.activation_checkpointing_policy} {checkpointing}"
         sp = f", sequence parallel {self.sp_size}" if self.sp_size > 1 else ""
         generation = "" if self.generation == "gathered" else f", generation {self.generation}"
         if self.prefill_chunk_size:
@@ -270,6 +278,11 @@ def validate_run(model: ModelShape, run: RunShape) -> None:
         raise ValueError(f"generation={run.generation!r} is not one of {GENERATION_MODES}.")
     if run.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation={run.attn_implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")
+    if run.activation_checkpointing_policy not in CHECKPOINTING_POLICIES:
+        raise ValueError(
+            f"activation_checkpointing_policy={run.activation_checkpointing_policy!r} is not one of "
+            f"{CHECKPOINTING_POLICIES}."
+        )
     if run.context_gradient not in CONTEXT_GRADIENTS:
         raise ValueError(f"context_gradient={run.context_gradient!r} is not one of {CONTEXT_GRADIENTS}.")
     if run.context_prefill_chunk_size < 1:
@@ -300,7 +313,8 @@ def sequence_parallel_problem(model: ModelShape, sp_size: int) -> str | None:
 
 
 def activation_bytes(model: ModelShape, run: RunShape, tokens: int, checkpointed: bool) -> tuple:
-    """Bytes autograd keeps from the student forward over `tokens` tokens, and one decoder layer's share."""
+    """Bytes autograd keeps from the student forward over `tokens` tokens, and what one decoder layer's recompute adds
+    in the backward with checkpointing (its whole share without)."""
     b = DTYPE_BYTES[run.dtype]
     h, i, hd = model.hidden_size, model.intermediate_size, model.head_dim
     # Keys/values are saved with their own head count when attention runs without a padding mask (GQA kernels);
@@ -313,21 +327,54 @@ def activation_bytes(model: ModelShape, run: RunShape, tokens: int, checkpointed
     if run.sp_size > 1:
         attention += b * model.num_heads * hd  # o_proj keeps the output after the all-to-all, a separate copy
     mlp = 4 * b * i  # gate and up outputs, the activation, and the product fed to down_proj
-    per_layer = norms + attention + mlp
+    # fp32 LoRA adapters on a half-precision model: each adapter casts its input to fp32 (PEFT's `_cast_input_dtype`;
+    # the trainer's forward runs without autocast), and its A projection keeps that copy for the backward: four bytes
+    # per input feature of every adapted linear (q, k, v, o, gate, up, down). Measured on an H100 (docs/results.md#on-a-gpu).
+    lora_copies = 4 * sum(n_in for n_in, _ in model.layer_linears) if fp32_adapters(run) else 0
+    per_layer = norms + attention + mlp + lora_copies
     # Shared across layers: input ids (int64), RoPE cos/sin, the final norm, the last hidden state held for the loss
     shared = 8 + 2 * b * hd + (4 * h + b * h) + b * h
-    kept_per_layer = b * h if checkpointed else per_layer  # with checkpointing, each layer keeps only its input
-    return tokens * (model.num_layers * kept_per_layer + shared), tokens * per_layer
+    recompute_reuses = 0  # what the backward's recompute of a layer takes from the kept tensors instead of rerunning
+    if not checkpointed:
+        kept_per_layer = per_layer
+    elif run.activation_checkpointing_policy == "selective":
+        # The layer's input, every base projection's output, the attention kernel's output and log-sum-exp; LoRA's A
+        # outputs (rank-wide, in the adapters' dtype). Everything elementwise and LoRA's B are recomputed.
+        adapter_bytes = 4 if fp32_adapters(run) else b
+        lora_a = adapter_bytes * (run.lora_rank or 0) * len(model.layer_linears)
+        kept_per_layer = (
+            b * h + b * sum(n_out for _, n_out in model.layer_linears) + b * model.num_heads * hd
+            + 4 * model.num_heads + lora_a
+        )  # fmt: skip
+        recompute_reuses = kept_per_layer - b * h
+    else:
+        kept_per_layer = b * h  # full checkpointing: each layer keeps only its input
+    return tokens * (model.num_layers * kept_per_layer + shared), tokens * (per_layer - recompute_reuses)
 
 
-def _no_grad_forward_bytes(model: ModelShape, run: RunShape, tokens: int) -> float:
+def _no_grad_forward_bytes(model: ModelShape, run: RunShape, tokens: int, adapters: bool = False) -> float:
     """Largest temporaries of a no-grad forward (the teacher's, HF generate's prefill): one layer's at a time.
 
     Two hidden-state copies (residual and normed), the MLP's activation, up and product, and RoPE's cos/sin: measured
     on CPU at 10,779 bytes/token for the calibration model, 10,752 predicted.
+
+    `adapters`: the forward runs through fp32 LoRA adapters on a half-precision model (generation with the student).
+    Inside `up_proj` the layer then holds the residual and normed states, `gate`'s output and `up`'s base output, the
+    fp32 copy of the input, and two fp32 `[tokens, intermediate]` tensors: B's output scaled, and its sum with the
+    base output before the cast back. On an H100 this predicted the 7B generation peak at 8K and 32K within 2%.
     """
     b = DTYPE_BYTES[run.dtype]
-    return tokens * (4 * b * model.hidden_size + 3 * b * model.intermediate_size + 2 * b * model.head_dim)
+    h, i = model.hidden_size, model.intermediate_size
+    per_token = 4 * b * h + 3 * b * i
+    if adapters and fp32_adapters(run):
+        per_token = max(per_token, 2 * b * h + 4 * h + 2 * b * i + 8 * i)
+    return tokens * (per_token + 2 * b * model.head_dim)
+
+
+def fp32_adapters(run: RunShape) -> bool:
+    """LoRA adapters kept in fp32 on a half-precision model: PEFT's default (`autocast_adapter_dtype=True`), which TRL
+    keeps except under ZeRO-3, where it builds them in the model's dtype."""
+    return run.lora_rank is not None and DTYPE_BYTES[run.dtype] < 4 and run.zero_stage != 3
 
 
 def _prefill_bytes(model: ModelShape, run: RunShape, batch: int, total_tokens: int) -> float:
@@ -337,7 +384,7 @@ def _prefill_bytes(model: ModelShape, run: RunShape, batch: int, total_tokens: i
     b = DTYPE_BYTES[run.dtype]
     hd = model.head_dim
     chunk = min(run.context_length, run.prefill_chunk_size or run.context_length)
-    transient = _no_grad_forward_bytes(model, run, batch * chunk)
+    transient = _no_grad_forward_bytes(model, run, batch * chunk, adapters=True)
     if chunk < run.context_length:
         transient += batch * chunk * total_tokens * 5  # the mask, bool + float
         transient += batch * 2 * model.num_kv_heads * hd * b * total_tokens  # one layer's cache, copied by torch.cat
@@ -371,7 +418,11 @@ def _loss_bytes(model: ModelShape, run: RunShape, lm_head_trainable: bool) -> tu
         backward = 0
     else:
         forward = 2 * buffer
-        backward = 2 * buffer + (rows * VOCAB_CHUNK_SIZE * b if b < 4 else 0)  # the tile cast back to bf16
+        # The tile cast back to the compute dtype for the two gradient matmuls. From the second tile on, the next cast
+        # is made before the previous one is released (`grad_tile = s_tile.to(...)` in TRL's loop): two at once. On an
+        # H100 this closed the 0.25 GiB the planner missed at 16384 x 32000 and 4096 x 152064.
+        tiles = -(-n // TOKEN_CHUNK_SIZE) * -(-model.vocab_size // VOCAB_CHUNK_SIZE)
+        backward = 2 * buffer + (min(tiles, 2) * rows * VOCAB_CHUNK_SIZE * b if b < 4 else 0)
     return saved + forward, saved + backward + grad_hidden + grad_weight
 
 
@@ -425,7 +476,8 @@ def estimate(model: ModelShape, run: RunShape) -> Plan:
     recompute = layer_activations if run.gradient_checkpointing else 0
     backward_transient = local_tokens * b * model.hidden_size  # gradient of the hidden states between layers
     teacher_tokens = run.batch_size * (run.teacher_length + run.completion_length)
-    teacher_forward = _no_grad_forward_bytes(model, run, teacher_tokens)
+    # a `live` teacher is the student itself, adapters on; `base` with LoRA disables them; `ema` is a plain copy
+    teacher_forward = _no_grad_forward_bytes(model, run, teacher_tokens, adapters=run.teacher_kind == "live")
     teacher_hidden = teacher_tokens * model.hidden_size * b
     lm_head_trainable = not lora
     loss_forward, loss_backward = _loss_bytes(model, run, lm_head_trainable)
@@ -448,20 +500,28 @@ def estimate(model: ModelShape, run: RunShape) -> Plan:
         gathered_for_generation = 0
 
     # --- "none": the context's keys/values, from the teacher forward to the last micro-step's backward ---
-    context_kv = context_saved = context_prefill = 0
+    context_kv = context_saved = context_backward = context_prefill = 0
+    kept_from_generation = none and run.generation != "vllm-server"
     if none:
         kv_per_token = 2 * model.num_layers * model.head_dim * b
         # Kept from generation for the whole generation batch (TRL splits it into micro-batches after generating);
         # after vLLM generation nothing is kept and each micro-batch prefills its own, chunk by chunk.
         kept_rows = run.batch_size if run.generation == "vllm-server" else generation_batch
         context_kv = kv_per_token * model.num_kv_heads * run.context_length * kept_rows
-        # Each layer's attention saves its keys/values (context + completion) for the backward; transformers' SDPA path
-        # repeats them to the query head count first (a mask is needed: queries and keys differ in length).
+        # A layer's attention saves its keys/values (context + completion) for the backward; transformers' SDPA path
+        # repeats them to the query head count first (a mask is needed: queries and keys differ in length). Without
+        # checkpointing every layer keeps them; with it each layer keeps only its input, and the keys/values exist for
+        # the one layer being recomputed, beside their gradients (on an H100 at 32K: 18.2 GiB measured, 17.7 planned).
         saved_heads = model.num_kv_heads if flash(run) else model.num_heads
-        context_saved = kv_per_token * saved_heads * student_tokens_full(run)
+        layer_kv = 2 * model.head_dim * b * saved_heads * student_tokens_full(run)
+        if run.gradient_checkpointing:
+            context_saved, context_backward = 0, 2 * layer_kv
+        else:
+            context_saved = model.num_layers * layer_kv
+            context_backward = context_saved + layer_kv
         if run.generation == "vllm-server":
             context_prefill = _no_grad_forward_bytes(
-                model, run, run.batch_size * min(run.context_length, run.context_prefill_chunk_size)
+                model, run, run.batch_size * min(run.context_length, run.context_prefill_chunk_size), adapters=True
             )
 
     resident = weights + teacher_weights + optimizer + (gradients if resident_gradients else 0)
@@ -469,13 +529,18 @@ def estimate(model: ModelShape, run: RunShape) -> Plan:
     lm_head_grad = 0 if (lora or resident_gradients) else model.lm_head_params * b
     phases = {
         "generation": resident + gathered_for_generation + kv_cache + prefill + last_logits,
-        # OPSDLTrainer runs the teacher first, so its temporaries never meet the student's activations
-        "teacher forward": training + teacher_forward,
+        # OPSDLTrainer runs the teacher first, so its temporaries never meet the student's activations; the context's
+        # keys/values are there already when generation kept them, and prefilled after it otherwise
+        "teacher forward": training - (0 if kept_from_generation else context_kv) + teacher_forward,
         "loss": training + context_saved + activations + teacher_hidden + loss_forward,
         "backward": training
         + max(
             context_saved + activations + loss_backward,  # the loss backward, before the backbone's
-            context_saved + activations + recompute + lm_head_grad + backward_transient,  # the last layer's backward
+            context_backward
+            + activations
+            + recompute
+            + lm_head_grad
+            + backward_transient,  # the last layer's backward
             (0 if resident_gradients else gradients) + layer_activations + backward_transient,  # the first layer's
         ),
         "optimizer step": resident + (0 if resident_gradients else gradients),
@@ -490,7 +555,7 @@ def estimate(model: ModelShape, run: RunShape) -> Plan:
         "ZeRO-3 gathered parameters": zero3_gathered,
         "activations": activations,
         "recomputed layer (checkpointing)": recompute,
-        "context keys/values (context_gradient none)": context_kv + context_saved,
+        "context keys/values (context_gradient none)": context_kv + max(context_saved, context_backward),
         "chunked loss": max(loss_forward, loss_backward),
         "teacher forward": teacher_forward + teacher_hidden,
         "generation KV cache": kv_cache,
