@@ -44,7 +44,7 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
 # CUDA context, NCCL and cuBLAS workspaces (fixed), plus an allowance for allocator fragmentation (share of the GPU).
 CUDA_RESERVE_BYTES = 2 * GIB
 FRAGMENTATION_SHARE = 0.05
-# A suggested configuration must also leave this share of the GPU free: the GPU-side accounting is not yet measured.
+# A suggested configuration must also leave this share of the GPU free: the GPU-side accounting is measured on one H100.
 SUGGESTION_HEADROOM = 0.10
 # Chunk-sized fp32 temporaries alive at once in the CPU reverse-KL forward (`loss_utils._reverse_kl_pass`: student
 # logits and log-probs, teacher logits and log-probs, probabilities, one product); its backward only rescales.
