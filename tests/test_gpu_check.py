@@ -43,6 +43,7 @@ def test_tiny_run_has_one_entry_per_check_with_status_and_figures(tiny_run):
     parity = {f"parity/{mode}/{dtype}" for mode in gpu_check.LOSS_MODES for dtype in ("fp32", "bf16")}
     assert parity <= set(checks)
     assert {"loss_memory/48x320", "loss_memory/96x320", "setup/model", "generation/256"} <= set(checks)
+    assert checks["generation/256/merged_lora"]["figures"]["new_tokens"] == 8  # LoRA merged, then unmerged
     steps = {f"opsdl_step/{n}/{policy}/sdpa" for n in (64, 256) for policy in ("none", "full", "selective")}
     steps.add("opsdl_step/256/full/sdpa/context_none")  # the prompt's keys/values without gradient
     assert steps <= set(checks)
