@@ -594,6 +594,44 @@ def parity_check(mode, dtype_name, shapes, device, seed, inject=None):
     return {"figures": figures, "criteria": criteria, "note": note}
 
 
+def chunking_speed_check(mode, shapes, device, seed):
+    """The plain-torch loss path (`topk_logits`) with CPU-sized chunks (8 MiB of logits) against the device's
+    default (128 MiB on CUDA): seconds per forward + backward, warmed up, and that both give the same values.
+    Informational: on the first H100 run this path took 3-5 s for 4160 positions."""
+    import torch
+
+    from trl_opsdl import loss_utils
+
+    student_hidden, teacher_hidden, weight, tokens = parity_inputs(shapes, torch.bfloat16, device.name, seed)
+    head = loss_utils.LMHead(weight)
+    sizes = {"cpu_chunks": loss_utils.positions_per_chunk(shapes.parity_vocab, "cpu"),
+             "device_chunks": loss_utils.positions_per_chunk(shapes.parity_vocab, "cuda" if device.cuda else "cpu")}  # fmt: skip
+    figures, values = {"top_k": shapes.top_k}, {}
+    for name, chunk in sizes.items():
+        timings = []
+        for _ in range(3):  # the first is the warm-up
+            hidden = student_hidden.detach().clone().requires_grad_()
+            device.sync()
+            t0 = device.timer()
+            divergence, *_ = loss_utils.chunked_divergence(
+                hidden, teacher_hidden, head, loss_utils.LMHead(weight.detach()), tokens, top_k=shapes.top_k,
+                chunk_size=chunk,
+            )  # fmt: skip
+            divergence.sum().backward()
+            device.sync()
+            timings.append(device.timer() - t0)
+        values[name] = divergence.detach().float()
+        figures[f"{name}_positions"] = chunk
+        figures[f"{name}_s"] = median(timings[1:])
+    figures["speedup"] = figures["cpu_chunks_s"] / max(figures["device_chunks_s"], 1e-9)
+    same = rel_err(values["device_chunks"], values["cpu_chunks"])
+    figures["values_rel_diff"] = same
+    criteria = {"same values either way (rel 1e-5)": at_most(same, 1e-5)}
+    note = (f"{sizes['cpu_chunks']}-position chunks {figures['cpu_chunks_s']:.3g} s, "
+            f"{sizes['device_chunks']}-position {figures['device_chunks_s']:.3g} s ({figures['speedup']:.1f}x)")  # fmt: skip
+    return {"figures": figures, "criteria": criteria, "note": note}
+
+
 # ---- (c) fused-loss memory against naive full logits ----------------------------------------------------------------
 
 
@@ -1326,6 +1364,8 @@ def main(argv=None):
                 case = f"parity/{mode}/{dtype_name}"
                 results.run(case, "parity", estimates["parity"], parity_check, mode, dtype_name, shapes, device,
                             seed=100 + 2 * i + (dtype_name == "bf16"), inject=args.inject.get(case), device=device)  # fmt: skip
+        results.run("parity/topk_logits/chunking_speed", "parity", estimates["parity"], chunking_speed_check,
+                    "topk_logits", shapes, device, seed=120, device=device)  # fmt: skip
     if "loss_memory" in groups:
         for i, (positions, vocab) in enumerate(shapes.loss_memory_cases):
             results.run(f"loss_memory/{positions}x{vocab}", "loss_memory", estimates["loss_memory"],
