@@ -594,7 +594,7 @@ def parity_check(mode, dtype_name, shapes, device, seed, inject=None):
     return {"figures": figures, "criteria": criteria, "note": note}
 
 
-def chunking_speed_check(mode, shapes, device, seed):
+def chunking_speed_check(shapes, device, seed):
     """The plain-torch loss path (`topk_logits`) with CPU-sized chunks (8 MiB of logits) against the device's
     default (128 MiB on CUDA): seconds per forward + backward, warmed up, and that both give the same values.
     Informational: on the first H100 run this path took 3-5 s for 4160 positions."""
@@ -635,13 +635,6 @@ def chunking_speed_check(mode, shapes, device, seed):
 # ---- (c) fused-loss memory against naive full logits ----------------------------------------------------------------
 
 
-def loss_tiles(positions, vocab):
-    """How many `[TOKEN_CHUNK_SIZE, VOCAB_CHUNK_SIZE]` tiles TRL's chunked divergence runs over."""
-    from trl_opsdl.planner.memory import TOKEN_CHUNK_SIZE, VOCAB_CHUNK_SIZE
-
-    return -(-positions // TOKEN_CHUNK_SIZE) * -(-vocab // VOCAB_CHUNK_SIZE)
-
-
 def loss_memory_planned(positions, vocab, shapes, device_kind):
     """The planner's "chunked loss" for `positions` completion tokens over `vocab`, frozen head (LoRA), bf16."""
     from transformers import Qwen2Config
@@ -658,6 +651,7 @@ def loss_memory_check(positions, vocab, shapes, device, seed):
     import torch.nn.functional as F
 
     from trl_opsdl import loss_utils
+    from trl_opsdl.planner.memory import loss_tiles
 
     dtype = torch.bfloat16
     hidden_size = shapes.loss_memory_hidden
@@ -848,68 +842,37 @@ def resident_bytes(model):
 # ---- (d) generation -------------------------------------------------------------------------------------------------
 
 
-def timed_generation(model, ids, new_tokens, device):
-    """Greedy HF generate of `new_tokens` after `ids`, warmed up: (prefill s, total s, peak, allocated before, tokens
-    generated)."""
+def generation_check(setup, shapes, device, merged=False):
+    """Greedy HF generate of `generation_new_tokens` after a `generation_length` prompt, warmed up: prefill and decode
+    speed, peak memory against the planner. `merged`: with the LoRA adapters merged into the weights (PEFT's
+    `merge_adapter`), then unmerged — what unmerged adapters cost a batch-1 decode (12.3 tokens/s unmerged at 32K on
+    the first H100 run); informational, and run last, since unmerging in bf16 does not give back the exact weights."""
     import torch
 
+    model, length, new_tokens = setup.model, shapes.generation_length, shapes.generation_new_tokens
+    ids = torch.tensor([prompt_ids(length, setup.config.vocab_size, seed=7)], device=device.name)
     common = dict(do_sample=False, pad_token_id=0, eos_token_id=3, use_cache=True)
     model.eval()
-    with torch.no_grad():
-        model.generate(input_ids=ids[:, :256], attention_mask=torch.ones_like(ids[:, :256]), max_new_tokens=4,
-                       min_new_tokens=4, **common)  # warm-up  # fmt: skip
-        t0 = device.timer()
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, **common)
-        prefill_s = device.timer() - t0
-        device.reset_peak()
-        base = device.allocated()
-        t0 = device.timer()
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, **common)  # fmt: skip
-        total_s = device.timer() - t0
-        peak = device.peak()
-    return prefill_s, total_s, peak, base, out.shape[1] - ids.shape[1]
-
-
-def generation_check(setup, shapes, device):
-    import torch
-
-    model, length, new_tokens = setup.model, shapes.generation_length, shapes.generation_new_tokens
-    ids = torch.tensor([prompt_ids(length, setup.config.vocab_size, seed=7)], device=device.name)
-    prefill_s, total_s, peak, base, generated = timed_generation(model, ids, new_tokens, device)
-    decode_s = max(total_s - prefill_s, 1e-9)
-    measured = None if peak is None else peak - base + resident_bytes(model)
-    planned = planned_first_generation(planner_estimate(
-        setup.config, length, new_tokens, True, setup.dtype_name, "cuda" if device.cuda else "cpu", setup.gpu_gib
-    ))  # fmt: skip
-    ratio, within = memory_verdict(measured, planned, judge=device.cuda)
-    figures = {
-        "prompt_tokens": length, "new_tokens": generated, "prefill_s": prefill_s,
-        "prefill_tokens_per_s": length / prefill_s, "decode_tokens_per_s": (generated - 1) / decode_s,
-        "total_s": total_s, "peak_gib": gib(measured), "planned_generation_gib": gib(planned),
-        "measured_over_planned": ratio,
-    }  # fmt: skip
-    criteria = {"generated every token": generated == new_tokens,
-                f"planner's generation phase within {MEMORY_TOLERANCE:.0%}": within}  # fmt: skip
-    note = f"prefill {length / prefill_s:,.0f} tok/s, decode {(generated - 1) / decode_s:,.1f} tok/s"
-    if measured is not None:
-        note += f", peak {gib(measured):.3g} GiB vs planned {gib(planned):.3g} GiB"
-    return {"figures": figures, "criteria": criteria, "note": note}
-
-
-def merged_generation_check(setup, shapes, device):
-    """The same generation with the LoRA adapters merged into the weights (PEFT's `merge_adapter`), then unmerged: how
-    much of a batch-1 decode the unmerged adapters cost (on the first H100 run: 12.3 tokens/s unmerged at 32K).
-    Informational; it runs last, since unmerging in bf16 does not give back the exact weights."""
-    import torch
-
-    model, length, new_tokens = setup.model, shapes.generation_length, shapes.generation_new_tokens
-    ids = torch.tensor([prompt_ids(length, setup.config.vocab_size, seed=7)], device=device.name)
-    model.merge_adapter()
+    if merged:
+        model.merge_adapter()
     try:
-        prefill_s, total_s, peak, base, generated = timed_generation(model, ids, new_tokens, device)
+        with torch.no_grad():
+            model.generate(input_ids=ids[:, :256], attention_mask=torch.ones_like(ids[:, :256]), max_new_tokens=4,
+                           min_new_tokens=4, **common)  # warm-up  # fmt: skip
+            t0 = device.timer()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, **common)
+            prefill_s = device.timer() - t0
+            device.reset_peak()
+            base = device.allocated()
+            t0 = device.timer()
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, **common)  # fmt: skip
+            total_s = device.timer() - t0
+            peak = device.peak()
     finally:
-        model.unmerge_adapter()
+        if merged:
+            model.unmerge_adapter()
+    generated = out.shape[1] - length
     decode_s = max(total_s - prefill_s, 1e-9)
     measured = None if peak is None else peak - base + resident_bytes(model)
     figures = {
@@ -917,8 +880,19 @@ def merged_generation_check(setup, shapes, device):
         "prefill_tokens_per_s": length / prefill_s, "decode_tokens_per_s": (generated - 1) / decode_s,
         "total_s": total_s, "peak_gib": gib(measured),
     }  # fmt: skip
-    note = f"adapters merged: prefill {length / prefill_s:,.0f} tok/s, decode {(generated - 1) / decode_s:,.1f} tok/s"
-    return {"figures": figures, "criteria": {"generated every token": generated == new_tokens}, "note": note}
+    criteria = {"generated every token": generated == new_tokens}
+    note = f"prefill {length / prefill_s:,.0f} tok/s, decode {(generated - 1) / decode_s:,.1f} tok/s"
+    if merged:
+        return {"figures": figures, "criteria": criteria, "note": "adapters merged: " + note}
+    planned = planned_first_generation(planner_estimate(
+        setup.config, length, new_tokens, True, setup.dtype_name, "cuda" if device.cuda else "cpu", setup.gpu_gib
+    ))  # fmt: skip
+    ratio, within = memory_verdict(measured, planned, judge=device.cuda)
+    figures.update({"planned_generation_gib": gib(planned), "measured_over_planned": ratio})
+    criteria[f"planner's generation phase within {MEMORY_TOLERANCE:.0%}"] = within
+    if measured is not None:
+        note += f", peak {gib(measured):.3g} GiB vs planned {gib(planned):.3g} GiB"
+    return {"figures": figures, "criteria": criteria, "note": note}
 
 
 # ---- (b) OPSDLTrainer steps against the planner and SFTTrainer ------------------------------------------------------
@@ -1365,7 +1339,7 @@ def main(argv=None):
                 results.run(case, "parity", estimates["parity"], parity_check, mode, dtype_name, shapes, device,
                             seed=100 + 2 * i + (dtype_name == "bf16"), inject=args.inject.get(case), device=device)  # fmt: skip
         results.run("parity/topk_logits/chunking_speed", "parity", estimates["parity"], chunking_speed_check,
-                    "topk_logits", shapes, device, seed=120, device=device)  # fmt: skip
+                    shapes, device, seed=120, device=device)  # fmt: skip
     if "loss_memory" in groups:
         for i, (positions, vocab) in enumerate(shapes.loss_memory_cases):
             results.run(f"loss_memory/{positions}x{vocab}", "loss_memory", estimates["loss_memory"],
@@ -1417,7 +1391,7 @@ def main(argv=None):
 
     if "generation" in groups:  # last: merging and unmerging in bf16 moves the weights by their rounding
         needs_model(f"generation/{shapes.generation_length}/merged_lora", "generation", estimates["generation"],
-                    merged_generation_check, shapes, device)  # fmt: skip
+                    generation_check, shapes, device, True)  # fmt: skip
 
     faulthandler.cancel_dump_traceback_later()
     results.finish()

@@ -400,6 +400,11 @@ def student_tokens_full(run: RunShape) -> int:
     return run.batch_size * (run.context_length + run.completion_length)
 
 
+def loss_tiles(positions: int, vocab_size: int) -> int:
+    """How many `[TOKEN_CHUNK_SIZE, VOCAB_CHUNK_SIZE]` tiles TRL's chunked divergence runs over."""
+    return -(-positions // TOKEN_CHUNK_SIZE) * -(-vocab_size // VOCAB_CHUNK_SIZE)
+
+
 def _loss_bytes(model: ModelShape, run: RunShape, lm_head_trainable: bool) -> tuple:
     """Forward and backward bytes of TRL's chunked divergence over the completion positions (unsplit by SP)."""
     b = DTYPE_BYTES[run.dtype]
@@ -421,7 +426,7 @@ def _loss_bytes(model: ModelShape, run: RunShape, lm_head_trainable: bool) -> tu
         # The tile cast back to the compute dtype for the two gradient matmuls. From the second tile on, the next cast
         # is made before the previous one is released (`grad_tile = s_tile.to(...)` in TRL's loop): two at once. On an
         # H100 this closed the 0.25 GiB the planner missed at 16384 x 32000 and 4096 x 152064.
-        tiles = -(-n // TOKEN_CHUNK_SIZE) * -(-model.vocab_size // VOCAB_CHUNK_SIZE)
+        tiles = loss_tiles(n, model.vocab_size)
         backward = 2 * buffer + (min(tiles, 2) * rows * VOCAB_CHUNK_SIZE * b if b < 4 else 0)
     return saved + forward, saved + backward + grad_hidden + grad_weight
 
