@@ -6,15 +6,19 @@ model's own short-prompt answers, at the same budget (docs/results.md#ruler-in-m
     python experiments/ruler_transfer.py --output-dir runs/ruler --seeds 1,2        # the next ones, later
     python experiments/ruler_transfer.py --output-dir runs/ruler --summary-only     # the table from what has run
     python experiments/ruler_transfer.py --quick --output-dir /tmp/rt --seeds 0     # toy sizes, minutes
+    python experiments/ruler_transfer.py --output-dir runs/ruler --seeds 0,1,2 --methods opsdl_anchors_75  # a variant
 
 Every step is a `trl-opsdl` command (logged to `<output-dir>/logs/`) and is skipped when its result exists: the
 base model's bench, then per seed and method `demo --real --compare --save-model` (the adapter) and `bench ruler
 --adapter` (cells cached, so a stopped bench resumes). One heavy job at a time: on two cores, two at once each take
-twice as long. The summary (`transfer.json`, `transfer.md`) is rebuilt from the bench results present.
+twice as long. The summary (`transfer.json`, `transfer.md`) is rebuilt from the bench results present: the seed
+means with their standard deviations, then each method's change against the base over the same questions (every
+model answers the same rows), with a 95% interval that paired questions make far tighter than two cells' intervals.
 """
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -29,6 +33,13 @@ HELD_OUT = ("niah_multivalue", "cwe", "fwe")
 TRAIN_LENGTHS = (512, 1024)
 BENCH_LENGTHS = (1024, 2048, 4096)
 METHODS = ("opsdl", "sft_self")
+# Variants: a name, the demo method it trains, and the options it adds to RECIPE. Each trains into its own
+# `compare-<name>/` (the demo names its run files by the demo method) and benches as `<name>-seed<k>`.
+VARIANTS = {
+    # Three of each batch's four rows on the short prompt (RECIPE: two): the anchors hold the short-prompt replies
+    # the default lowers on the multi-answer families (vt -24, multivalue -9 on three seeds).
+    "opsdl_anchors_75": ("opsdl", ["--short-prompt-ratio", "0.75"]),
+}
 RECIPE = ["--mix", ",".join(MIX), "--train-lengths", ",".join(map(str, TRAIN_LENGTHS)), "--max-steps", "50",
           "--batch-size", "4", "--learning-rate", "3e-4", "--max-completion-length", "64",
           # The demo's own before/after check (niah_single at 512/1,024) kept small: the bench is the measurement.
@@ -37,7 +48,12 @@ QUICK_RECIPE = ["--quick", "--mix", "niah_single,vt", "--no-short-check"]
 # bf16 answers the long cells ~2.4x faster than fp32 on this project's AMX CPUs; every model is benched the same way.
 BENCH = ["--num-samples", "30", "--dtype", "bfloat16", "--batch-size", "8"]
 QUICK_BENCH = ["--quick"]
-LABELS = {"base": "base", "opsdl": "OPSDL (mix)", "sft_self": "TRL SFT-self (mix)"}
+LABELS = {
+    "base": "base",
+    "opsdl": "OPSDL (mix)",
+    "sft_self": "TRL SFT-self (mix)",
+    "opsdl_anchors_75": "OPSDL, 3 of 4 rows anchored (mix)",
+}
 
 
 def run_step(command: list[str], log_file: Path) -> None:
@@ -66,11 +82,12 @@ def bench(out: Path, name: str, quick: bool, adapter: str | None = None) -> None
 
 def train(out: Path, method: str, seed: int, quick: bool) -> str:
     """The method's adapter for `seed` (trained unless its run file exists); returns the adapter folder."""
-    compare = out / "compare"
-    run_file = compare / "runs" / f"{method}-seed{seed}.json"
+    demo_method, extra = VARIANTS.get(method, (method, []))
+    compare = out / ("compare" if method in METHODS else f"compare-{method}")
+    run_file = compare / "runs" / f"{demo_method}-seed{seed}.json"
     if not run_file.exists():
-        command = ["trl-opsdl", "demo", "--real", "--compare", *(QUICK_RECIPE if quick else RECIPE), "--save-model",
-                   "--methods", method, "--seeds", str(seed), "--output-dir", str(compare)]  # fmt: skip
+        command = ["trl-opsdl", "demo", "--real", "--compare", *(QUICK_RECIPE if quick else RECIPE), *extra,
+                   "--save-model", "--methods", demo_method, "--seeds", str(seed), "--output-dir", str(compare)]  # fmt: skip
         run_step(command, out / "logs" / f"train-{method}-seed{seed}.log")
     return json.loads(run_file.read_text())["adapter"]
 
@@ -144,20 +161,107 @@ def transfer_markdown(table: dict, lengths) -> str:
     return "\n".join(lines)
 
 
+# --- changes against the base, paired over the same questions ------------------------------------------------------
+
+
+def cell_scores(bench_dir: Path) -> dict:
+    """`{(family, length): [{question id: score}, ...]}` from a bench folder's cached cells (a folder may hold several
+    cells of one family and length, e.g. short prompts built from different lengths: the caller matches by ids)."""
+    found = {}
+    for path in sorted((bench_dir / "cells").glob("*.json")):
+        cell = json.loads(path.read_text())
+        scores = {p["id"]: p["score"] for p in cell["predictions"]}
+        found.setdefault((cell["task"], str(cell["length"])), []).append(scores)
+    return found
+
+
+def paired_change(base: dict, seeds: list[dict]) -> dict:
+    """One cell's change against the base over the same questions: per question its score averaged over the seeds minus
+    the base's, D_i; the change is mean(D_i), its 95% interval 1.96 · sd(D_i) / sqrt(n) (questions are the sample;
+    the seeds are fixed). Far tighter than two independent cells' intervals: most questions keep their answer."""
+    d = [statistics.fmean(s[i] for s in seeds) - b for i, b in base.items()]
+    mean, se = statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
+    return {"delta": round(mean, 2), "ci95": [round(mean - 1.96 * se, 1), round(mean + 1.96 * se, 1)],
+            "se": round(se, 4), "n": len(d)}  # fmt: skip
+
+
+def _pooled(changes: list[dict]) -> dict:
+    """Mean of cells' changes; cells hold different questions (independent): se = sqrt(sum se_i^2) / k."""
+    mean = statistics.fmean(c["delta"] for c in changes)
+    se = math.sqrt(sum(c["se"] ** 2 for c in changes)) / len(changes)
+    return {"delta": round(mean, 2), "ci95": [round(mean - 1.96 * se, 1), round(mean + 1.96 * se, 1)]}
+
+
+def paired_changes(base_dir: Path, seed_dirs: list[Path], trained=MIX, held_out=HELD_OUT,
+                   longest_trained: int = max(TRAIN_LENGTHS)) -> dict | None:  # fmt: skip
+    """A method's changes against the base, cell by cell over the same questions (`paired_change`), and for the
+    transfer table's columns (trained and held-out families over the lengths, all families beyond training, short
+    prompts). None when a seed lacks a cell the base has (a bench still running), or the base has no cells."""
+    base = {key: cells[0] for key, cells in cell_scores(base_dir).items()}
+    if not base:
+        return None
+    runs = [cell_scores(d) for d in seed_dirs]
+    by_cell = {}
+    for key, base_cell in base.items():
+        matched = [next((c for c in run.get(key, []) if c.keys() == base_cell.keys()), None) for run in runs]
+        if any(m is None for m in matched):
+            return None
+        by_cell[key] = paired_change(base_cell, matched)
+    lengths = sorted({int(n) for _, n in by_cell if n != "short"})
+    families = sorted({t for t, _ in by_cell})
+    columns = {
+        "trained": [(t, str(n)) for t in trained for n in lengths],
+        "held_out": [(t, str(n)) for t in held_out for n in lengths],
+        "beyond": [(t, str(n)) for t in families for n in lengths if n > longest_trained],
+        "short": [(t, "short") for t in families],
+    }
+    return {
+        **{name: _pooled([by_cell[k] for k in keys]) for name, keys in columns.items() if keys},
+        "by_cell": {f"{t}@{n}": c for (t, n), c in sorted(by_cell.items())},
+    }
+
+
+def paired_markdown(changes: dict) -> str:
+    def fmt(c):
+        return f"{c['delta']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]"
+
+    lines = ["Change against the base on the same questions (points; mean over seeds, 95% interval over questions):",
+             "", "| method | trained families | held-out families | beyond training | short prompt |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for method, c in changes.items():
+        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(
+            fmt(c[k]) for k in ("trained", "held_out", "beyond", "short")) + " |")  # fmt: skip
+    families = sorted({key.split("@")[0] for c in changes.values() for key in c["by_cell"]})
+    lines += ["", "Short prompts by family, the same way:", "", "| method | " + " | ".join(families) + " |",
+              "|---|" + "---|" * len(families)]  # fmt: skip
+    for method, c in changes.items():
+        lines.append(f"| {LABELS.get(method, method)} | "
+                     + " | ".join(fmt(c["by_cell"][f"{t}@short"]) for t in families) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def write_summary(out: Path) -> dict | None:
-    summaries = {}
+    summaries, seed_dirs = {}, {}
     for path in sorted((out / "bench").glob("*/ruler_bench.json")):
         name = path.parent.name
         method = "base" if name == "base" else name.rsplit("-seed", 1)[0]
         summaries.setdefault(method, []).append(model_summary(json.loads(path.read_text())))
+        seed_dirs.setdefault(method, []).append(path.parent)
     if not summaries:
         return None
-    order = ["base", *METHODS]
+    order = ["base", *METHODS, *VARIANTS]
     summaries = dict(sorted(summaries.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     table = transfer_table(summaries)
     lengths = [n for n in next(iter(summaries.values()))[0] if n.isdigit()]
+    changes = {}
+    if "base" in seed_dirs:
+        for method, dirs in seed_dirs.items():
+            change = None if method == "base" else paired_changes(seed_dirs["base"][0], dirs)
+            if change is not None:
+                changes[method] = change
+                table[method]["paired"] = change
     (out / "transfer.json").write_text(json.dumps(table, indent=2) + "\n")
-    markdown = transfer_markdown(table, lengths)
+    markdown = transfer_markdown(table, lengths) + ("\n\n" + paired_markdown(changes) if changes else "")
     (out / "transfer.md").write_text(markdown + "\n")
     print(markdown)
     return table
@@ -167,14 +271,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--seeds", default="0", help="Comma-separated training seeds, e.g. 0,1,2.")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(METHODS)}.")
+    known = [*METHODS, *VARIANTS]
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(known)}.")
     parser.add_argument("--quick", action="store_true", help="Toy sizes: checks the pipeline in minutes.")
     parser.add_argument("--summary-only", action="store_true", help="Only rebuild the table from the benches present.")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        parser.error(f"--methods {unknown}: not among {list(METHODS)}; pick from those.")
+        parser.error(f"--methods {unknown}: not among {known}; pick from those.")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:

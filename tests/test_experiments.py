@@ -177,3 +177,46 @@ def test_ruler_transfer_runs_each_step_once_with_commands_that_parse(tmp_path, m
     commands.clear()
     assert ruler_transfer.main(["--output-dir", str(out), "--seeds", "0,1", "--methods", "opsdl"]) == 0
     assert [c[1] for c in commands] == ["demo", "bench"]  # only seed 1 is new
+
+    # A variant: the demo's method with its own options, in its own folder, benched under the variant's name.
+    commands.clear()
+    assert ruler_transfer.main(["--output-dir", str(out), "--seeds", "0", "--methods", "opsdl_anchors_75"]) == 0
+    train, bench = commands
+    assert train[train.index("--short-prompt-ratio") + 1] == "0.75" and train[train.index("--methods") + 1] == "opsdl"
+    assert train[train.index("--output-dir") + 1] == str(out / "compare-opsdl_anchors_75")
+    assert bench[bench.index("--output-dir") + 1] == str(out / "bench" / "opsdl_anchors_75-seed0")
+    assert "opsdl_anchors_75" in json.loads((out / "transfer.json").read_text())
+
+
+def _write_cell(bench_dir: Path, task: str, length, scores: dict, tag: str = "") -> None:
+    cells = bench_dir / "cells"
+    cells.mkdir(parents=True, exist_ok=True)
+    predictions = [{"id": i, "score": s} for i, s in scores.items()]
+    (cells / f"{task}-{length}-{tag}.json").write_text(
+        json.dumps({"task": task, "length": length, "predictions": predictions})
+    )
+
+
+def test_ruler_transfer_paired_changes_hand_computed(tmp_path):
+    """Changes against the base over the same questions: per question the seeds' mean minus the base, then the mean
+    and a 1.96 · sd / sqrt(n) interval; a cell on other questions (another build length) is never paired."""
+    import ruler_transfer
+
+    base, s0, s1 = tmp_path / "base", tmp_path / "s0", tmp_path / "s1"
+    _write_cell(base, "a", "short", {"q0": 100, "q1": 0, "q2": 0, "q3": 100})
+    _write_cell(s0, "a", "short", {"q0": 100, "q1": 100, "q2": 0, "q3": 0})
+    _write_cell(s0, "a", "short", {"x0": 100, "x1": 100, "x2": 100, "x3": 100}, tag="other")  # not these questions
+    _write_cell(s1, "a", "short", {"q0": 100, "q1": 100, "q2": 100, "q3": 100})
+    for d, scores in [(base, [0, 0, 0, 0]), (s0, [100, 0, 0, 0]), (s1, [100, 100, 0, 0])]:
+        _write_cell(d, "a", 2048, {f"q{i}": s for i, s in enumerate(scores)})
+    changes = ruler_transfer.paired_changes(base, [s0, s1], trained=["a"], held_out=[], longest_trained=1024)
+    # short: D = (0, +100, +50, -50): mean 25, sd sqrt((25^2 + 75^2 + 25^2 + 75^2) / 3) = 64.55, se 32.27
+    short = changes["by_cell"]["a@short"]
+    assert short["delta"] == 25 and short["n"] == 4 and short["se"] == pytest.approx(32.27, abs=0.01)
+    assert short["ci95"] == [pytest.approx(25 - 63.25, abs=0.1), pytest.approx(25 + 63.25, abs=0.1)]
+    # 2,048: D = (+100, +50, 0, 0): mean 37.5; beyond training = that one cell
+    assert changes["by_cell"]["a@2048"]["delta"] == 37.5 and changes["beyond"]["delta"] == 37.5
+    assert changes["trained"]["delta"] == 37.5 and "held_out" not in changes
+    # a seed whose bench lacks a cell the base has: no paired figures yet
+    (s1 / "cells" / "a-2048-.json").unlink()
+    assert ruler_transfer.paired_changes(base, [s0, s1], trained=["a"], held_out=[]) is None
