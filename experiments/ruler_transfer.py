@@ -165,13 +165,15 @@ def transfer_markdown(table: dict, lengths) -> str:
 
 
 def cell_scores(bench_dir: Path) -> dict:
-    """`{(family, length): [{question id: score}, ...]}` from a bench folder's cached cells (a folder may hold several
-    cells of one family and length, e.g. short prompts built from different lengths: the caller matches by ids)."""
+    """`{(family, length): {question id: score}}` for the cells a bench's `ruler_bench.json` was built from (its folder
+    may cache others, e.g. short prompts built from another shortest length), found by their keys as the bench does."""
+    from trl_opsdl.evaluation.ruler_bench import cell_path, read_cell
+
+    results = json.loads((bench_dir / "ruler_bench.json").read_text())
     found = {}
-    for path in sorted((bench_dir / "cells").glob("*.json")):
-        cell = json.loads(path.read_text())
-        scores = {p["id"]: p["score"] for p in cell["predictions"]}
-        found.setdefault((cell["task"], str(cell["length"])), []).append(scores)
+    for entry in results["cells"]:
+        cell = read_cell(cell_path(str(bench_dir), entry["key"]))
+        found[(entry["task"], str(entry["length"]))] = {p["id"]: p["score"] for p in cell["predictions"]}
     return found
 
 
@@ -196,15 +198,15 @@ def paired_changes(base_dir: Path, seed_dirs: list[Path], trained=MIX, held_out=
                    longest_trained: int = max(TRAIN_LENGTHS)) -> dict | None:  # fmt: skip
     """A method's changes against the base, cell by cell over the same questions (`paired_change`), and for the
     transfer table's columns (trained and held-out families over the lengths, all families beyond training, short
-    prompts). None when a seed lacks a cell the base has (a bench still running), or the base has no cells."""
-    base = {key: cells[0] for key, cells in cell_scores(base_dir).items()}
+    prompts). None without base cells, or when a seed has no cell on the base's questions (other lengths or counts)."""
+    base = cell_scores(base_dir)
     if not base:
         return None
     runs = [cell_scores(d) for d in seed_dirs]
     by_cell = {}
     for key, base_cell in base.items():
-        matched = [next((c for c in run.get(key, []) if c.keys() == base_cell.keys()), None) for run in runs]
-        if any(m is None for m in matched):
+        matched = [run.get(key) for run in runs]
+        if any(m is None or m.keys() != base_cell.keys() for m in matched):
             return None
         by_cell[key] = paired_change(base_cell, matched)
     lengths = sorted({int(n) for _, n in by_cell if n != "short"})
@@ -254,12 +256,10 @@ def write_summary(out: Path) -> dict | None:
     table = transfer_table(summaries)
     lengths = [n for n in next(iter(summaries.values()))[0] if n.isdigit()]
     changes = {}
-    if "base" in seed_dirs:
-        for method, dirs in seed_dirs.items():
-            change = None if method == "base" else paired_changes(seed_dirs["base"][0], dirs)
-            if change is not None:
-                changes[method] = change
-                table[method]["paired"] = change
+    for method in [m for m in table if m != "base" and "base" in seed_dirs]:
+        change = paired_changes(seed_dirs["base"][0], seed_dirs[method])
+        if change is not None:
+            changes[method] = table[method]["paired"] = change
     (out / "transfer.json").write_text(json.dumps(table, indent=2) + "\n")
     markdown = transfer_markdown(table, lengths) + ("\n\n" + paired_markdown(changes) if changes else "")
     (out / "transfer.md").write_text(markdown + "\n")

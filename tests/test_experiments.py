@@ -104,7 +104,7 @@ def _bench_results(scores: dict, short: dict, lengths=(1024, 2048)) -> dict:
     cells += [
         {"task": t, "length": n, **cell_summary(rows(s))} for t, per in scores.items() for n, s in zip(lengths, per)
     ]
-    return {"table": aggregate(cells, list(scores), list(lengths))}
+    return {"table": aggregate(cells, list(scores), list(lengths)), "cells": []}
 
 
 def test_ruler_transfer_summary_hand_computed():
@@ -188,24 +188,29 @@ def test_ruler_transfer_runs_each_step_once_with_commands_that_parse(tmp_path, m
     assert "opsdl_anchors_75" in json.loads((out / "transfer.json").read_text())
 
 
-def _write_cell(bench_dir: Path, task: str, length, scores: dict, tag: str = "") -> None:
-    cells = bench_dir / "cells"
-    cells.mkdir(parents=True, exist_ok=True)
-    predictions = [{"id": i, "score": s} for i, s in scores.items()]
-    (cells / f"{task}-{length}-{tag}.json").write_text(
-        json.dumps({"task": task, "length": length, "predictions": predictions})
-    )
+def _write_cell(bench_dir: Path, task: str, length, scores: dict, listed: bool = True) -> None:
+    """A cached cell as `bench ruler` writes it; `listed`: named in the folder's `ruler_bench.json` (else only cached)."""
+    from trl_opsdl.evaluation.ruler_bench import cell_path, write_cell
+
+    key = {"task": task, "length": length, "listed": listed}
+    write_cell(cell_path(str(bench_dir), key), {"predictions": [{"id": i, "score": s} for i, s in scores.items()]})
+    results_file = bench_dir / "ruler_bench.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {"cells": []}
+    if listed:
+        results["cells"].append({"task": task, "length": length, "key": key})
+    results_file.write_text(json.dumps(results))
 
 
 def test_ruler_transfer_paired_changes_hand_computed(tmp_path):
     """Changes against the base over the same questions: per question the seeds' mean minus the base, then the mean
-    and a 1.96 · sd / sqrt(n) interval; a cell on other questions (another build length) is never paired."""
+    and a 1.96 · sd / sqrt(n) interval; only the cells the bench's results were built from are read (a cell merely
+    cached in the folder, e.g. short prompts from another length, is not)."""
     import ruler_transfer
 
     base, s0, s1 = tmp_path / "base", tmp_path / "s0", tmp_path / "s1"
     _write_cell(base, "a", "short", {"q0": 100, "q1": 0, "q2": 0, "q3": 100})
+    _write_cell(s0, "a", "short", {"q0": 100, "q1": 100, "q2": 100, "q3": 100}, listed=False)  # cached, not used
     _write_cell(s0, "a", "short", {"q0": 100, "q1": 100, "q2": 0, "q3": 0})
-    _write_cell(s0, "a", "short", {"x0": 100, "x1": 100, "x2": 100, "x3": 100}, tag="other")  # not these questions
     _write_cell(s1, "a", "short", {"q0": 100, "q1": 100, "q2": 100, "q3": 100})
     for d, scores in [(base, [0, 0, 0, 0]), (s0, [100, 0, 0, 0]), (s1, [100, 100, 0, 0])]:
         _write_cell(d, "a", 2048, {f"q{i}": s for i, s in enumerate(scores)})
@@ -217,6 +222,9 @@ def test_ruler_transfer_paired_changes_hand_computed(tmp_path):
     # 2,048: D = (+100, +50, 0, 0): mean 37.5; beyond training = that one cell
     assert changes["by_cell"]["a@2048"]["delta"] == 37.5 and changes["beyond"]["delta"] == 37.5
     assert changes["trained"]["delta"] == 37.5 and "held_out" not in changes
-    # a seed whose bench lacks a cell the base has: no paired figures yet
-    (s1 / "cells" / "a-2048-.json").unlink()
+    # a seed benched on other questions (here: another sample count at 2,048) is not paired
+    _write_cell(s1, "a", 2048, {"q0": 100, "q1": 100})
+    s1_results = json.loads((s1 / "ruler_bench.json").read_text())
+    s1_results["cells"] = [c for c in s1_results["cells"] if c["length"] != 2048 or c is s1_results["cells"][-1]]
+    (s1 / "ruler_bench.json").write_text(json.dumps(s1_results))
     assert ruler_transfer.paired_changes(base, [s0, s1], trained=["a"], held_out=[]) is None
