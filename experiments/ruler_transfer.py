@@ -39,6 +39,9 @@ VARIANTS = {
     # Three of each batch's four rows on the short prompt (RECIPE: two): the anchors hold the short-prompt replies
     # the default lowers on the multi-answer families (vt -24, multivalue -9 on three seeds).
     "opsdl_anchors_75": ("opsdl", ["--short-prompt-ratio", "0.75"]),
+    # The same for 100 steps (the last --max-steps given wins): ~50 minutes here, inside the 60-minute budget; does
+    # twice the training move the families the 50-step runs never moved (cwe, fwe)?
+    "opsdl_anchors_75_steps_100": ("opsdl", ["--short-prompt-ratio", "0.75", "--max-steps", "100"]),
 }
 RECIPE = ["--mix", ",".join(MIX), "--train-lengths", ",".join(map(str, TRAIN_LENGTHS)), "--max-steps", "50",
           "--batch-size", "4", "--learning-rate", "3e-4", "--max-completion-length", "64",
@@ -53,6 +56,7 @@ LABELS = {
     "opsdl": "OPSDL (mix)",
     "sft_self": "TRL SFT-self (mix)",
     "opsdl_anchors_75": "OPSDL, 3 of 4 rows anchored (mix)",
+    "opsdl_anchors_75_steps_100": "OPSDL, 3 of 4 rows anchored, 100 steps (mix)",
 }
 
 
@@ -194,12 +198,22 @@ def _pooled(changes: list[dict]) -> dict:
     return {"delta": round(mean, 2), "ci95": [round(mean - 1.96 * se, 1), round(mean + 1.96 * se, 1)]}
 
 
-def paired_changes(base_dir: Path, seed_dirs: list[Path], trained=MIX, held_out=HELD_OUT,
+def seed_mean_scores(bench_dirs: list[Path]) -> dict | None:
+    """`{(family, length): {question id: score}}` averaged over several benches of one method (its seeds); None when
+    they did not answer the same questions."""
+    runs = [cell_scores(d) for d in bench_dirs]
+    if any(run.keys() != runs[0].keys() or any(run[k].keys() != runs[0][k].keys() for k in run) for run in runs):
+        return None
+    return {key: {i: statistics.fmean(run[key][i] for run in runs) for i in cell} for key, cell in runs[0].items()}
+
+
+def paired_changes(reference_dirs: list[Path], seed_dirs: list[Path], trained=MIX, held_out=HELD_OUT,
                    longest_trained: int = max(TRAIN_LENGTHS)) -> dict | None:  # fmt: skip
-    """A method's changes against the base, cell by cell over the same questions (`paired_change`), and for the
-    transfer table's columns (trained and held-out families over the lengths, all families beyond training, short
-    prompts). None without base cells, or when a seed has no cell on the base's questions (other lengths or counts)."""
-    base = cell_scores(base_dir)
+    """A method's changes against a reference (the base model; or another method, per question the mean over its
+    seeds), cell by cell over the same questions (`paired_change`), and for the transfer table's columns (trained and
+    held-out families over the lengths, all families beyond training, short prompts). None without reference cells,
+    or when a seed has no cell on the reference's questions (other lengths or counts)."""
+    base = seed_mean_scores(reference_dirs)
     if not base:
         return None
     runs = [cell_scores(d) for d in seed_dirs]
@@ -223,21 +237,21 @@ def paired_changes(base_dir: Path, seed_dirs: list[Path], trained=MIX, held_out=
     }
 
 
-def paired_markdown(changes: dict) -> str:
+def paired_markdown(changes: dict, against: str = "the base", labels: dict = LABELS) -> str:
     def fmt(c):
         return f"{c['delta']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]"
 
-    lines = ["Change against the base on the same questions (points; mean over seeds, 95% interval over questions):",
+    lines = [f"Change against {against} on the same questions (points; mean over seeds, 95% interval over questions):",
              "", "| method | trained families | held-out families | beyond training | short prompt |",
              "|---|---|---|---|---|"]  # fmt: skip
     for method, c in changes.items():
-        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(
+        lines.append(f"| {labels.get(method, method)} | " + " | ".join(
             fmt(c[k]) for k in ("trained", "held_out", "beyond", "short")) + " |")  # fmt: skip
     families = sorted({key.split("@")[0] for c in changes.values() for key in c["by_cell"]})
     lines += ["", "Short prompts by family, the same way:", "", "| method | " + " | ".join(families) + " |",
               "|---|" + "---|" * len(families)]  # fmt: skip
     for method, c in changes.items():
-        lines.append(f"| {LABELS.get(method, method)} | "
+        lines.append(f"| {labels.get(method, method)} | "
                      + " | ".join(fmt(c["by_cell"][f"{t}@short"]) for t in families) + " |")  # fmt: skip
     return "\n".join(lines)
 
@@ -255,13 +269,22 @@ def write_summary(out: Path) -> dict | None:
     summaries = dict(sorted(summaries.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     table = transfer_table(summaries)
     lengths = [n for n in next(iter(summaries.values()))[0] if n.isdigit()]
-    changes = {}
+    changes, versus = {}, {}
     for method in [m for m in table if m != "base" and "base" in seed_dirs]:
-        change = paired_changes(seed_dirs["base"][0], seed_dirs[method])
+        change = paired_changes(seed_dirs["base"], seed_dirs[method])
         if change is not None:
             changes[method] = table[method]["paired"] = change
+    # A variant against the recipe it changes (its demo method's seeds): what the change itself buys, question by
+    # question, rather than two changes against the base side by side.
+    for variant in [v for v in VARIANTS if v in table and VARIANTS[v][0] in seed_dirs]:
+        change = paired_changes(seed_dirs[VARIANTS[variant][0]], seed_dirs[variant])
+        if change is not None:
+            versus[variant] = table[variant]["paired_vs_" + VARIANTS[variant][0]] = change
     (out / "transfer.json").write_text(json.dumps(table, indent=2) + "\n")
     markdown = transfer_markdown(table, lengths) + ("\n\n" + paired_markdown(changes) if changes else "")
+    if versus:
+        labels = {v: f"{LABELS.get(v, v)} − {LABELS.get(VARIANTS[v][0])}" for v in versus}
+        markdown += "\n\n" + paired_markdown(versus, "the recipe each variant changes", labels)
     (out / "transfer.md").write_text(markdown + "\n")
     print(markdown)
     return table

@@ -142,11 +142,12 @@ def test_ruler_transfer_runs_each_step_once_with_commands_that_parse(tmp_path, m
 
     from tests.test_docs import cli_parser
 
-    commands = []
+    commands, parsed = [], []
 
     def fake_step(command, log_file):
         commands.append(command)
         args = cli_parser().parse_args(command[1:])
+        parsed.append(args)
         out = Path(args.output_dir)
         if args.command == "bench":
             out.mkdir(parents=True)
@@ -187,6 +188,12 @@ def test_ruler_transfer_runs_each_step_once_with_commands_that_parse(tmp_path, m
     assert bench[bench.index("--output-dir") + 1] == str(out / "bench" / "opsdl_anchors_75-seed0")
     assert "opsdl_anchors_75" in json.loads((out / "transfer.json").read_text())
 
+    # A variant that overrides one of the recipe's options: the demo sees the variant's value.
+    parsed.clear()
+    variant = "opsdl_anchors_75_steps_100"
+    assert ruler_transfer.main(["--output-dir", str(out), "--seeds", "0", "--methods", variant]) == 0
+    assert parsed[0].max_steps == 100 and parsed[0].short_prompt_ratio == 0.75
+
 
 def _write_cell(bench_dir: Path, task: str, length, scores: dict, listed: bool = True) -> None:
     """A cached cell as `bench ruler` writes it; `listed`: named in the folder's `ruler_bench.json` (else only cached)."""
@@ -214,7 +221,7 @@ def test_ruler_transfer_paired_changes_hand_computed(tmp_path):
     _write_cell(s1, "a", "short", {"q0": 100, "q1": 100, "q2": 100, "q3": 100})
     for d, scores in [(base, [0, 0, 0, 0]), (s0, [100, 0, 0, 0]), (s1, [100, 100, 0, 0])]:
         _write_cell(d, "a", 2048, {f"q{i}": s for i, s in enumerate(scores)})
-    changes = ruler_transfer.paired_changes(base, [s0, s1], trained=["a"], held_out=[], longest_trained=1024)
+    changes = ruler_transfer.paired_changes([base], [s0, s1], trained=["a"], held_out=[], longest_trained=1024)
     # short: D = (0, +100, +50, -50): mean 25, sd sqrt((25^2 + 75^2 + 25^2 + 75^2) / 3) = 64.55, se 32.27
     short = changes["by_cell"]["a@short"]
     assert short["delta"] == 25 and short["n"] == 4 and short["se"] == pytest.approx(32.27, abs=0.01)
@@ -227,4 +234,22 @@ def test_ruler_transfer_paired_changes_hand_computed(tmp_path):
     s1_results = json.loads((s1 / "ruler_bench.json").read_text())
     s1_results["cells"] = [c for c in s1_results["cells"] if c["length"] != 2048 or c is s1_results["cells"][-1]]
     (s1 / "ruler_bench.json").write_text(json.dumps(s1_results))
-    assert ruler_transfer.paired_changes(base, [s0, s1], trained=["a"], held_out=[]) is None
+    assert ruler_transfer.paired_changes([base], [s0, s1], trained=["a"], held_out=[]) is None
+
+
+def test_ruler_transfer_variant_against_its_recipe_hand_computed(tmp_path):
+    """A variant against the method it changes: the reference per question is the mean over that method's seeds."""
+    import ruler_transfer
+
+    r0, r1, v0 = tmp_path / "r0", tmp_path / "r1", tmp_path / "v0"
+    for d, scores in [(r0, [100, 0, 0]), (r1, [0, 0, 100]), (v0, [100, 100, 100])]:
+        _write_cell(d, "a", "short", {f"q{i}": s for i, s in enumerate(scores)})
+    # reference (50, 0, 50); D = (+50, +100, +50): mean 66.67, sd 28.87, se 16.67
+    change = ruler_transfer.paired_changes([r0, r1], [v0], trained=[], held_out=[])["by_cell"]["a@short"]
+    assert change["delta"] == pytest.approx(66.67, abs=0.01) and change["se"] == pytest.approx(16.67, abs=0.01)
+    # the reference's seeds on other questions: no reference
+    _write_cell(r1, "a", "short", {"q0": 0, "q1": 0})
+    results = json.loads((r1 / "ruler_bench.json").read_text())
+    results["cells"] = results["cells"][-1:]
+    (r1 / "ruler_bench.json").write_text(json.dumps(results))
+    assert ruler_transfer.paired_changes([r0, r1], [v0], trained=[], held_out=[]) is None
