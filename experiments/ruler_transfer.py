@@ -181,11 +181,12 @@ def cell_scores(bench_dir: Path) -> dict:
     return found
 
 
-def paired_change(base: dict, seeds: list[dict]) -> dict:
-    """One cell's change against the base over the same questions: per question its score averaged over the seeds minus
-    the base's, D_i; the change is mean(D_i), its 95% interval 1.96 · sd(D_i) / sqrt(n) (questions are the sample;
-    the seeds are fixed). Far tighter than two independent cells' intervals: most questions keep their answer."""
-    d = [statistics.fmean(s[i] for s in seeds) - b for i, b in base.items()]
+def paired_change(reference: dict, method: dict) -> dict:
+    """One cell's change over the same questions, `{question id: score}` each (a method's scores are its seeds' mean
+    per question): D_i = method_i - reference_i; the change is mean(D_i), its 95% interval 1.96 · sd(D_i) / sqrt(n)
+    (questions are the sample; the seeds are fixed). Far tighter than two independent cells' intervals: most questions
+    keep their answer."""
+    d = [method[i] - r for i, r in reference.items()]
     mean, se = statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
     return {"delta": round(mean, 2), "ci95": [round(mean - 1.96 * se, 1), round(mean + 1.96 * se, 1)],
             "se": round(se, 4), "n": len(d)}  # fmt: skip
@@ -213,16 +214,10 @@ def paired_changes(reference_dirs: list[Path], seed_dirs: list[Path], trained=MI
     seeds), cell by cell over the same questions (`paired_change`), and for the transfer table's columns (trained and
     held-out families over the lengths, all families beyond training, short prompts). None without reference cells,
     or when a seed has no cell on the reference's questions (other lengths or counts)."""
-    base = seed_mean_scores(reference_dirs)
-    if not base:
+    reference, method = seed_mean_scores(reference_dirs), seed_mean_scores(seed_dirs)
+    if not reference or method is None or any(method.get(k, {}).keys() != c.keys() for k, c in reference.items()):
         return None
-    runs = [cell_scores(d) for d in seed_dirs]
-    by_cell = {}
-    for key, base_cell in base.items():
-        matched = [run.get(key) for run in runs]
-        if any(m is None or m.keys() != base_cell.keys() for m in matched):
-            return None
-        by_cell[key] = paired_change(base_cell, matched)
+    by_cell = {key: paired_change(cell, method[key]) for key, cell in reference.items()}
     lengths = sorted({int(n) for _, n in by_cell if n != "short"})
     families = sorted({t for t, _ in by_cell})
     columns = {

@@ -237,6 +237,28 @@ def test_ruler_transfer_paired_changes_hand_computed(tmp_path):
     assert ruler_transfer.paired_changes([base], [s0, s1], trained=["a"], held_out=[]) is None
 
 
+def test_ruler_transfer_summary_writes_variant_against_its_recipe(tmp_path):
+    """The summary pairs every method with the base and each variant with its demo method's seeds, on the cells the
+    benches list: every family's short prompt and 2,048 cell, base (0, 0), OPSDL (100, 0), the variant (100, 100)."""
+    import ruler_transfer
+
+    families = ruler_transfer.MIX + ruler_transfer.HELD_OUT
+    results = _bench_results({t: [50, 40, 30] for t in families}, {t: 60 for t in families}, (1024, 2048, 4096))
+    for name, scores in [("base", [0, 0]), ("opsdl-seed0", [100, 0]), ("opsdl_anchors_75-seed0", [100, 100])]:
+        bench_dir = tmp_path / "bench" / name
+        bench_dir.mkdir(parents=True)
+        (bench_dir / "ruler_bench.json").write_text(json.dumps(results))
+        for family in families:
+            for length in ("short", 2048):
+                _write_cell(bench_dir, family, length, {f"q{i}": s for i, s in enumerate(scores)})
+    table = ruler_transfer.write_summary(tmp_path)
+    for column in ("trained", "held_out", "beyond", "short"):
+        assert table["opsdl"]["paired"][column]["delta"] == 50
+        assert table["opsdl_anchors_75"]["paired"][column]["delta"] == 100
+        assert table["opsdl_anchors_75"]["paired_vs_opsdl"][column]["delta"] == 50
+    assert "| OPSDL, 3 of 4 rows anchored (mix) − OPSDL (mix) | " in (tmp_path / "transfer.md").read_text()
+
+
 def test_ruler_transfer_variant_against_its_recipe_hand_computed(tmp_path):
     """A variant against the method it changes: the reference per question is the mean over that method's seeds."""
     import ruler_transfer
