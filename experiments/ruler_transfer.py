@@ -33,15 +33,24 @@ HELD_OUT = ("niah_multivalue", "cwe", "fwe")
 TRAIN_LENGTHS = (512, 1024)
 BENCH_LENGTHS = (1024, 2048, 4096)
 METHODS = ("opsdl", "sft_self")
-# Variants: a name, the demo method it trains, and the options it adds to RECIPE. Each trains into its own
-# `compare-<name>/` (the demo names its run files by the demo method) and benches as `<name>-seed<k>`.
+# Variants: a name, the demo method it trains, the options it adds to RECIPE, and the recipe it changes (compared
+# question by question). Each trains into its own `compare-<name>/` (the demo names its run files by the demo method)
+# and benches as `<name>-seed<k>`. A variant that trains another `--mix` has its own trained and held-out families.
 VARIANTS = {
     # Three of each batch's four rows on the short prompt (RECIPE: two): the anchors hold the short-prompt replies
     # the default lowers on the multi-answer families (vt -24, multivalue -9 on three seeds).
-    "opsdl_anchors_75": ("opsdl", ["--short-prompt-ratio", "0.75"]),
+    "opsdl_anchors_75": ("opsdl", ["--short-prompt-ratio", "0.75"], "opsdl"),
     # The same for 100 steps (the last --max-steps given wins): ~50 minutes here, inside the 60-minute budget; does
     # twice the training move the families the 50-step runs never moved (cwe, fwe)?
-    "opsdl_anchors_75_steps_100": ("opsdl", ["--short-prompt-ratio", "0.75", "--max-steps", "100"]),
+    "opsdl_anchors_75_steps_100": ("opsdl", ["--short-prompt-ratio", "0.75", "--max-steps", "100"], "opsdl"),
+    # The anchored recipe with common-word extraction trained in place of niah_multiquery (the last --mix given
+    # wins): the mix above holds no aggregation family, and cwe/fwe never moved. Does training one word-count family
+    # carry to the other (fwe, held out with niah_multivalue and niah_multiquery)?
+    "opsdl_anchors_75_cwe": (
+        "opsdl",
+        ["--short-prompt-ratio", "0.75", "--mix", "niah_single,niah_multikey,vt,cwe"],
+        "opsdl_anchors_75",
+    ),
 }
 RECIPE = ["--mix", ",".join(MIX), "--train-lengths", ",".join(map(str, TRAIN_LENGTHS)), "--max-steps", "50",
           "--batch-size", "4", "--learning-rate", "3e-4", "--max-completion-length", "64",
@@ -57,7 +66,16 @@ LABELS = {
     "sft_self": "TRL SFT-self (mix)",
     "opsdl_anchors_75": "OPSDL, 3 of 4 rows anchored (mix)",
     "opsdl_anchors_75_steps_100": "OPSDL, 3 of 4 rows anchored, 100 steps (mix)",
+    "opsdl_anchors_75_cwe": "OPSDL, 3 of 4 rows anchored, cwe trained for niah_multiquery (mix)",
 }
+
+
+def split(method: str) -> tuple[tuple, tuple]:
+    """A method's trained families (the last `--mix` its training command gives) and held-out families (the rest of
+    the seven, in MIX + HELD_OUT's order). The base model is read with the recipe's split."""
+    options = RECIPE + (VARIANTS[method][1] if method in VARIANTS else [])
+    trained = tuple([options[i + 1] for i, o in enumerate(options) if o == "--mix"][-1].split(","))
+    return trained, tuple(t for t in MIX + HELD_OUT if t not in trained)
 
 
 def run_step(command: list[str], log_file: Path) -> None:
@@ -86,7 +104,7 @@ def bench(out: Path, name: str, quick: bool, adapter: str | None = None) -> None
 
 def train(out: Path, method: str, seed: int, quick: bool) -> str:
     """The method's adapter for `seed` (trained unless its run file exists); returns the adapter folder."""
-    demo_method, extra = VARIANTS.get(method, (method, []))
+    demo_method, extra, _ = VARIANTS.get(method, (method, [], None))
     compare = out / ("compare" if method in METHODS else f"compare-{method}")
     run_file = compare / "runs" / f"{demo_method}-seed{seed}.json"
     if not run_file.exists():
@@ -154,15 +172,23 @@ def transfer_markdown(table: dict, lengths) -> str:
     for method, row in table.items():
         figures = [cell(row[k]) if row.get(k) else "—" for k in [*lengths, "trained", "held_out", "beyond", "short",
                                                                    "overall"]]  # fmt: skip
-        lines.append(f"| {LABELS.get(method, method)} | {row['seeds']} | " + " | ".join(figures) + " |")
+        lines.append(f"| {label(method)} | {row['seeds']} | " + " | ".join(figures) + " |")
     families = list(next(iter(table.values()))["by_task"])
     lines += ["", "Per family (mean over seeds): short prompt, then each length.", "",
               "| method | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]  # fmt: skip
     for method, row in table.items():
         per = [f"{row['short_by_task'][t]:.0f} / " + " / ".join(f"{row['by_task'][t][n]:.0f}" for n in lengths)
                for t in families]  # fmt: skip
-        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(per) + " |")
+        lines.append(f"| {label(method)} | " + " | ".join(per) + " |")
     return "\n".join(lines)
+
+
+def label(method: str) -> str:
+    """A table row's name; `base:<variant>` is the base model read with that variant's trained/held-out split."""
+    if method.startswith("base:"):
+        trained, held_out = split(method[len("base:") :])
+        return f"base (trained: {', '.join(trained)}; held out: {', '.join(held_out)})"
+    return LABELS.get(method, method)
 
 
 # --- changes against the base, paired over the same questions ------------------------------------------------------
@@ -252,33 +278,41 @@ def paired_markdown(changes: dict, against: str = "the base", labels: dict = LAB
 
 
 def write_summary(out: Path) -> dict | None:
-    summaries, seed_dirs = {}, {}
+    results, seed_dirs = {}, {}
     for path in sorted((out / "bench").glob("*/ruler_bench.json")):
         name = path.parent.name
         method = "base" if name == "base" else name.rsplit("-seed", 1)[0]
-        summaries.setdefault(method, []).append(model_summary(json.loads(path.read_text())))
+        results.setdefault(method, []).append(json.loads(path.read_text()))
         seed_dirs.setdefault(method, []).append(path.parent)
-    if not summaries:
+    if not results:
         return None
     order = ["base", *METHODS, *VARIANTS]
-    summaries = dict(sorted(summaries.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    methods = sorted(results, key=lambda m: order.index(m) if m in order else len(order))
+    summaries = {}
+    for method in methods:
+        # A method that trains other families is read with its own split; beside it the base model with the same
+        # split, so that its trained and held-out columns have a row to compare with.
+        if method != "base" and split(method) != split("base") and "base" in results:
+            summaries[f"base:{method}"] = [model_summary(r, *split(method)) for r in results["base"]]
+        summaries[method] = [model_summary(r, *split(method)) for r in results[method]]
     table = transfer_table(summaries)
     lengths = [n for n in next(iter(summaries.values()))[0] if n.isdigit()]
     changes, versus = {}, {}
-    for method in [m for m in table if m != "base" and "base" in seed_dirs]:
-        change = paired_changes(seed_dirs["base"], seed_dirs[method])
+    for method in [m for m in methods if m != "base" and "base" in seed_dirs]:
+        change = paired_changes(seed_dirs["base"], seed_dirs[method], *split(method))
         if change is not None:
             changes[method] = table[method]["paired"] = change
-    # A variant against the recipe it changes (its demo method's seeds): what the change itself buys, question by
-    # question, rather than two changes against the base side by side.
-    for variant in [v for v in VARIANTS if v in table and VARIANTS[v][0] in seed_dirs]:
-        change = paired_changes(seed_dirs[VARIANTS[variant][0]], seed_dirs[variant])
+    # A variant against the recipe it changes (that recipe's seeds), with the variant's split: what the change itself
+    # buys, question by question, rather than two changes against the base side by side.
+    for variant in [v for v in VARIANTS if v in table and VARIANTS[v][2] in seed_dirs]:
+        reference = VARIANTS[variant][2]
+        change = paired_changes(seed_dirs[reference], seed_dirs[variant], *split(variant))
         if change is not None:
-            versus[variant] = table[variant]["paired_vs_" + VARIANTS[variant][0]] = change
+            versus[variant] = table[variant]["paired_vs_" + reference] = change
     (out / "transfer.json").write_text(json.dumps(table, indent=2) + "\n")
     markdown = transfer_markdown(table, lengths) + ("\n\n" + paired_markdown(changes) if changes else "")
     if versus:
-        labels = {v: f"{LABELS.get(v, v)} − {LABELS.get(VARIANTS[v][0])}" for v in versus}
+        labels = {v: f"{LABELS.get(v, v)} − {LABELS.get(VARIANTS[v][2])}" for v in versus}
         markdown += "\n\n" + paired_markdown(versus, "the recipe each variant changes", labels)
     (out / "transfer.md").write_text(markdown + "\n")
     print(markdown)

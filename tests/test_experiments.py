@@ -259,6 +259,50 @@ def test_ruler_transfer_summary_writes_variant_against_its_recipe(tmp_path):
     assert "| OPSDL, 3 of 4 rows anchored (mix) − OPSDL (mix) | " in (tmp_path / "transfer.md").read_text()
 
 
+def test_ruler_transfer_variant_with_its_own_mix_is_read_with_its_split(tmp_path):
+    """A variant that trains other families (cwe for niah_multiquery) is summed up with its own trained and held-out
+    families, beside a base row read the same way, and paired with the recipe it changes; the other methods keep the
+    recipe's split. Cells: cwe 100 on both questions for the variant, 0 everywhere else and for every other model."""
+    import ruler_transfer
+
+    variant = "opsdl_anchors_75_cwe"
+    trained, held_out = ruler_transfer.split(variant)
+    assert trained == ("niah_single", "niah_multikey", "vt", "cwe")
+    assert held_out == ("niah_multiquery", "niah_multivalue", "fwe")
+    assert (
+        ruler_transfer.split("opsdl") == ruler_transfer.split("base") == (ruler_transfer.MIX, ruler_transfer.HELD_OUT)
+    )
+
+    families = ruler_transfer.MIX + ruler_transfer.HELD_OUT
+    per_family = {t: [50, 50, 50] for t in families} | {"cwe": [90, 90, 90], "niah_multiquery": [10, 10, 10]}
+    results = _bench_results(per_family, {t: 60 for t in families}, (1024, 2048, 4096))
+    for name in ("base", "opsdl_anchors_75-seed0", f"{variant}-seed0"):
+        bench_dir = tmp_path / "bench" / name
+        bench_dir.mkdir(parents=True)
+        (bench_dir / "ruler_bench.json").write_text(json.dumps(results))
+        for family in families:
+            for length in ("short", 1024, 2048, 4096):
+                scores = [100, 100] if name.startswith(variant) and family == "cwe" and length != "short" else [0, 0]
+                _write_cell(bench_dir, family, length, {f"q{i}": s for i, s in enumerate(scores)})
+    table = ruler_transfer.write_summary(tmp_path)
+    # means: the recipe's split, trained (50·3 + 10)/4 = 40, held out (50·2 + 90)/3; the variant's (50·3 + 90)/4 = 60,
+    # held out (10 + 50·2)/3
+    assert table["base"]["trained"]["mean"] == 40 and table["base"]["held_out"]["mean"] == pytest.approx(63.33)
+    assert table[f"base:{variant}"]["trained"]["mean"] == 60
+    assert table[f"base:{variant}"]["held_out"]["mean"] == pytest.approx(36.67)
+    assert table[variant]["trained"]["mean"] == 60 and table["opsdl_anchors_75"]["trained"]["mean"] == 40
+    # paired: cwe's +100 is a trained family's for the variant (one of four: +25), held-out families unchanged
+    for paired in (table[variant]["paired"], table[variant]["paired_vs_opsdl_anchors_75"]):
+        assert paired["trained"]["delta"] == 25 and paired["held_out"]["delta"] == 0
+    assert table["opsdl_anchors_75"]["paired"]["held_out"]["delta"] == 0
+    markdown = (tmp_path / "transfer.md").read_text()
+    assert (
+        "| base (trained: niah_single, niah_multikey, vt, cwe; held out: niah_multiquery, niah_multivalue, fwe) |"
+        in (markdown)
+    )
+    assert "cwe trained for niah_multiquery (mix) − OPSDL, 3 of 4 rows anchored (mix) |" in markdown
+
+
 def test_ruler_transfer_variant_against_its_recipe_hand_computed(tmp_path):
     """A variant against the method it changes: the reference per question is the mean over that method's seeds."""
     import ruler_transfer
