@@ -51,6 +51,14 @@ VARIANTS = {
         ["--short-prompt-ratio", "0.75", "--mix", "niah_single,niah_multikey,vt,cwe"],
         "opsdl_anchors_75",
     ),
+    # The same with frequent-word extraction trained instead: on fwe the short-prompt teacher is strong (87 against
+    # ~27 on long contexts), on cwe it is not (35: the 135M model repeats one word). Does a word-count family move
+    # when trained with a teacher that can answer it?
+    "opsdl_anchors_75_fwe": (
+        "opsdl",
+        ["--short-prompt-ratio", "0.75", "--mix", "niah_single,niah_multikey,vt,fwe"],
+        "opsdl_anchors_75",
+    ),
 }
 RECIPE = ["--mix", ",".join(MIX), "--train-lengths", ",".join(map(str, TRAIN_LENGTHS)), "--max-steps", "50",
           "--batch-size", "4", "--learning-rate", "3e-4", "--max-completion-length", "64",
@@ -67,6 +75,7 @@ LABELS = {
     "opsdl_anchors_75": "OPSDL, 3 of 4 rows anchored (mix)",
     "opsdl_anchors_75_steps_100": "OPSDL, 3 of 4 rows anchored, 100 steps (mix)",
     "opsdl_anchors_75_cwe": "OPSDL, 3 of 4 rows anchored, cwe trained for niah_multiquery (mix)",
+    "opsdl_anchors_75_fwe": "OPSDL, 3 of 4 rows anchored, fwe trained for niah_multiquery (mix)",
 }
 
 
