@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 
 # The recipe (docs/real_demo.md#training-on-a-mix-of-tasks): four families trained at 512 and 1,024 tokens (L = 1,024),
@@ -33,20 +34,30 @@ HELD_OUT = ("niah_multivalue", "cwe", "fwe")
 TRAIN_LENGTHS = (512, 1024)
 BENCH_LENGTHS = (1024, 2048, 4096)
 METHODS = ("opsdl", "sft_self")
-# Variants: a name, the demo method it trains, the options it adds to RECIPE, and the recipe it changes (compared
-# question by question). Each trains into its own `compare-<name>/` (the demo names its run files by the demo method)
-# and benches as `<name>-seed<k>`. A variant that trains another `--mix` has its own trained and held-out families.
+
+
+class Variant(NamedTuple):
+    """A recipe variant: the demo method it trains, the options it adds to RECIPE (the last value of an option wins),
+    and the recipe it changes (compared question by question). It trains into its own `compare-<name>/` (the demo names
+    its run files by the demo method) and benches as `<name>-seed<k>`; with another `--mix` it has its own trained and
+    held-out families (`split`)."""
+
+    method: str
+    options: list
+    reference: str
+
+
 VARIANTS = {
     # Three of each batch's four rows on the short prompt (RECIPE: two): the anchors hold the short-prompt replies
     # the default lowers on the multi-answer families (vt -24, multivalue -9 on three seeds).
-    "opsdl_anchors_75": ("opsdl", ["--short-prompt-ratio", "0.75"], "opsdl"),
+    "opsdl_anchors_75": Variant("opsdl", ["--short-prompt-ratio", "0.75"], "opsdl"),
     # The same for 100 steps (the last --max-steps given wins): ~50 minutes here, inside the 60-minute budget; does
     # twice the training move the families the 50-step runs never moved (cwe, fwe)?
-    "opsdl_anchors_75_steps_100": ("opsdl", ["--short-prompt-ratio", "0.75", "--max-steps", "100"], "opsdl"),
+    "opsdl_anchors_75_steps_100": Variant("opsdl", ["--short-prompt-ratio", "0.75", "--max-steps", "100"], "opsdl"),
     # The anchored recipe with common-word extraction trained in place of niah_multiquery (the last --mix given
     # wins): the mix above holds no aggregation family, and cwe/fwe never moved. Does training one word-count family
     # carry to the other (fwe, held out with niah_multivalue and niah_multiquery)?
-    "opsdl_anchors_75_cwe": (
+    "opsdl_anchors_75_cwe": Variant(
         "opsdl",
         ["--short-prompt-ratio", "0.75", "--mix", "niah_single,niah_multikey,vt,cwe"],
         "opsdl_anchors_75",
@@ -54,7 +65,7 @@ VARIANTS = {
     # The same with frequent-word extraction trained instead: on fwe the short-prompt teacher is strong (87 against
     # ~27 on long contexts), on cwe it is not (35: the 135M model repeats one word). Does a word-count family move
     # when trained with a teacher that can answer it?
-    "opsdl_anchors_75_fwe": (
+    "opsdl_anchors_75_fwe": Variant(
         "opsdl",
         ["--short-prompt-ratio", "0.75", "--mix", "niah_single,niah_multikey,vt,fwe"],
         "opsdl_anchors_75",
@@ -82,7 +93,7 @@ LABELS = {
 def split(method: str) -> tuple[tuple, tuple]:
     """A method's trained families (the last `--mix` its training command gives) and held-out families (the rest of
     the seven, in MIX + HELD_OUT's order). The base model is read with the recipe's split."""
-    options = RECIPE + (VARIANTS[method][1] if method in VARIANTS else [])
+    options = RECIPE + (VARIANTS[method].options if method in VARIANTS else [])
     trained = tuple([options[i + 1] for i, o in enumerate(options) if o == "--mix"][-1].split(","))
     return trained, tuple(t for t in MIX + HELD_OUT if t not in trained)
 
@@ -113,7 +124,7 @@ def bench(out: Path, name: str, quick: bool, adapter: str | None = None) -> None
 
 def train(out: Path, method: str, seed: int, quick: bool) -> str:
     """The method's adapter for `seed` (trained unless its run file exists); returns the adapter folder."""
-    demo_method, extra, _ = VARIANTS.get(method, (method, [], None))
+    demo_method, extra, _ = VARIANTS.get(method, Variant(method, [], method))
     compare = out / ("compare" if method in METHODS else f"compare-{method}")
     run_file = compare / "runs" / f"{demo_method}-seed{seed}.json"
     if not run_file.exists():
@@ -313,15 +324,15 @@ def write_summary(out: Path) -> dict | None:
             changes[method] = table[method]["paired"] = change
     # A variant against the recipe it changes (that recipe's seeds), with the variant's split: what the change itself
     # buys, question by question, rather than two changes against the base side by side.
-    for variant in [v for v in VARIANTS if v in table and VARIANTS[v][2] in seed_dirs]:
-        reference = VARIANTS[variant][2]
+    for variant in [v for v in VARIANTS if v in table and VARIANTS[v].reference in seed_dirs]:
+        reference = VARIANTS[variant].reference
         change = paired_changes(seed_dirs[reference], seed_dirs[variant], *split(variant))
         if change is not None:
             versus[variant] = table[variant]["paired_vs_" + reference] = change
     (out / "transfer.json").write_text(json.dumps(table, indent=2) + "\n")
     markdown = transfer_markdown(table, lengths) + ("\n\n" + paired_markdown(changes) if changes else "")
     if versus:
-        labels = {v: f"{LABELS.get(v, v)} − {LABELS.get(VARIANTS[v][2])}" for v in versus}
+        labels = {v: f"{LABELS.get(v, v)} − {LABELS.get(VARIANTS[v].reference)}" for v in versus}
         markdown += "\n\n" + paired_markdown(versus, "the recipe each variant changes", labels)
     (out / "transfer.md").write_text(markdown + "\n")
     print(markdown)

@@ -294,12 +294,11 @@ def test_ruler_transfer_variant_with_its_own_mix_is_read_with_its_split(tmp_path
     # paired: cwe's +100 is a trained family's for the variant (one of four: +25), held-out families unchanged
     for paired in (table[variant]["paired"], table[variant]["paired_vs_opsdl_anchors_75"]):
         assert paired["trained"]["delta"] == 25 and paired["held_out"]["delta"] == 0
-    assert table["opsdl_anchors_75"]["paired"]["held_out"]["delta"] == 0
     markdown = (tmp_path / "transfer.md").read_text()
-    assert (
+    base_row = (
         "| base (trained: niah_single, niah_multikey, vt, cwe; held out: niah_multiquery, niah_multivalue, fwe) |"
-        in (markdown)
     )
+    assert base_row in markdown
     assert "cwe trained for niah_multiquery (mix) − OPSDL, 3 of 4 rows anchored (mix) |" in markdown
 
 
