@@ -70,6 +70,12 @@ VARIANTS = {
         ["--short-prompt-ratio", "0.75", "--mix", "niah_single,niah_multikey,vt,fwe"],
         "opsdl_anchors_75",
     ),
+    # The anchored recipe with every training prompt at L = 1,024 tokens instead of half at 512: the gains beyond
+    # training are the needle families' at 2L and 4L, learned from the long rows (one in four), of which half were
+    # 512 tokens. Does the longest length alone carry further? (L, and so "beyond training", is unchanged.)
+    "opsdl_anchors_75_train_1024": Variant(
+        "opsdl", ["--short-prompt-ratio", "0.75", "--train-lengths", "1024"], "opsdl_anchors_75"
+    ),
 }
 RECIPE = ["--mix", ",".join(MIX), "--train-lengths", ",".join(map(str, TRAIN_LENGTHS)), "--max-steps", "50",
           "--batch-size", "4", "--learning-rate", "3e-4", "--max-completion-length", "64",
@@ -87,6 +93,7 @@ LABELS = {
     "opsdl_anchors_75_steps_100": "OPSDL, 3 of 4 rows anchored, 100 steps (mix)",
     "opsdl_anchors_75_cwe": "OPSDL, 3 of 4 rows anchored, cwe trained for niah_multiquery (mix)",
     "opsdl_anchors_75_fwe": "OPSDL, 3 of 4 rows anchored, fwe trained for niah_multiquery (mix)",
+    "opsdl_anchors_75_train_1024": "OPSDL, 3 of 4 rows anchored, trained at 1,024 tokens only (mix)",
 }
 
 

@@ -193,6 +193,10 @@ def test_ruler_transfer_runs_each_step_once_with_commands_that_parse(tmp_path, m
     variant = "opsdl_anchors_75_steps_100"
     assert ruler_transfer.main(["--output-dir", str(out), "--seeds", "0", "--methods", variant]) == 0
     assert parsed[0].max_steps == 100 and parsed[0].short_prompt_ratio == 0.75
+    parsed.clear()
+    variant = "opsdl_anchors_75_train_1024"
+    assert ruler_transfer.main(["--output-dir", str(out), "--seeds", "0", "--methods", variant]) == 0
+    assert list(parsed[0].train_lengths) == [1024] and tuple(parsed[0].mix) == ruler_transfer.MIX
 
 
 def _write_cell(bench_dir: Path, task: str, length, scores: dict, listed: bool = True) -> None:
