@@ -76,6 +76,20 @@ VARIANTS = {
     "opsdl_anchors_75_train_1024": Variant(
         "opsdl", ["--short-prompt-ratio", "0.75", "--train-lengths", "1024"], "opsdl_anchors_75"
     ),
+    # The 1,024-only recipe with the other split: the word-count families trained (with niah_single and vt), the three
+    # needle variants held out (niah_multikey, niah_multivalue, niah_multiquery). cwe and fwe moved under no recipe,
+    # trained or not, so with them held out the held-out column measures little but them; here it measures whether
+    # the reading learned on one needle family carries to the needle families it never saw.
+    "opsdl_anchors_75_train_1024_needles": Variant(
+        "opsdl",
+        ["--short-prompt-ratio", "0.75", "--train-lengths", "1024", "--mix", "niah_single,vt,cwe,fwe"],
+        "opsdl_anchors_75_train_1024",
+    ),
+    # TRL's SFT on the model's own short-prompt answers over the same prompts (the same split, all at 1,024 tokens):
+    # the label-free baseline of the comparison, read with the same held-out families.
+    "sft_self_train_1024_needles": Variant(
+        "sft_self", ["--train-lengths", "1024", "--mix", "niah_single,vt,cwe,fwe"], "sft_self"
+    ),
 }
 RECIPE = ["--mix", ",".join(MIX), "--train-lengths", ",".join(map(str, TRAIN_LENGTHS)), "--max-steps", "50",
           "--batch-size", "4", "--learning-rate", "3e-4", "--max-completion-length", "64",
@@ -94,6 +108,8 @@ LABELS = {
     "opsdl_anchors_75_cwe": "OPSDL, 3 of 4 rows anchored, cwe trained for niah_multiquery (mix)",
     "opsdl_anchors_75_fwe": "OPSDL, 3 of 4 rows anchored, fwe trained for niah_multiquery (mix)",
     "opsdl_anchors_75_train_1024": "OPSDL, 3 of 4 rows anchored, trained at 1,024 tokens only (mix)",
+    "opsdl_anchors_75_train_1024_needles": "OPSDL, 1,024 only, needle variants held out (mix)",
+    "sft_self_train_1024_needles": "TRL SFT-self, 1,024 only, needle variants held out (mix)",
 }
 
 

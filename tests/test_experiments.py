@@ -306,6 +306,27 @@ def test_ruler_transfer_variant_with_its_own_mix_is_read_with_its_split(tmp_path
     assert "cwe trained for niah_multiquery (mix) − OPSDL, 3 of 4 rows anchored (mix) |" in markdown
 
 
+def test_ruler_transfer_needles_variant_trains_the_word_counts_and_holds_out_the_needle_variants():
+    """The 1,024-only recipe with the other split: the demo receives the variant's mix and lengths (the last value of
+    an option wins), and the summary reads the three needle variants as held out."""
+    import ruler_transfer
+
+    from tests.test_docs import cli_parser
+
+    variant = "opsdl_anchors_75_train_1024_needles"
+    options = ruler_transfer.RECIPE + ruler_transfer.VARIANTS[variant].options
+    args = cli_parser().parse_args(["demo", "--real", *options])
+    assert list(args.mix) == ["niah_single", "vt", "cwe", "fwe"] and list(args.train_lengths) == [1024]
+    assert args.short_prompt_ratio == 0.75
+    needles_split = (("niah_single", "vt", "cwe", "fwe"), ("niah_multikey", "niah_multiquery", "niah_multivalue"))
+    assert ruler_transfer.split(variant) == needles_split
+    # its SFT-self baseline: the same prompts, the same split
+    sft = ruler_transfer.VARIANTS["sft_self_train_1024_needles"]
+    args = cli_parser().parse_args(["demo", "--real", *ruler_transfer.RECIPE, *sft.options, "--methods", sft.method])
+    assert list(args.mix) == ["niah_single", "vt", "cwe", "fwe"] and list(args.train_lengths) == [1024]
+    assert ruler_transfer.split("sft_self_train_1024_needles") == needles_split
+
+
 def test_ruler_transfer_variant_against_its_recipe_hand_computed(tmp_path):
     """A variant against the method it changes: the reference per question is the mean over that method's seeds."""
     import ruler_transfer
