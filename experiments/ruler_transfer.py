@@ -36,6 +36,11 @@ BENCH_LENGTHS = (1024, 2048, 4096)
 METHODS = ("opsdl", "sft_self")
 
 
+# The other split measured: the word-count families trained, the needle variants (niah_multikey, niah_multivalue,
+# niah_multiquery) held out.
+NEEDLES_HELD_OUT_MIX = "niah_single,vt,cwe,fwe"
+
+
 class Variant(NamedTuple):
     """A recipe variant: the demo method it trains, the options it adds to RECIPE (the last value of an option wins),
     and the recipe it changes (compared question by question). It trains into its own `compare-<name>/` (the demo names
@@ -82,13 +87,13 @@ VARIANTS = {
     # the reading learned on one needle family carries to the needle families it never saw.
     "opsdl_anchors_75_train_1024_needles": Variant(
         "opsdl",
-        ["--short-prompt-ratio", "0.75", "--train-lengths", "1024", "--mix", "niah_single,vt,cwe,fwe"],
+        ["--short-prompt-ratio", "0.75", "--train-lengths", "1024", "--mix", NEEDLES_HELD_OUT_MIX],
         "opsdl_anchors_75_train_1024",
     ),
     # TRL's SFT on the model's own short-prompt answers over the same prompts (the same split, all at 1,024 tokens):
     # the label-free baseline of the comparison, read with the same held-out families.
     "sft_self_train_1024_needles": Variant(
-        "sft_self", ["--train-lengths", "1024", "--mix", "niah_single,vt,cwe,fwe"], "sft_self"
+        "sft_self", ["--train-lengths", "1024", "--mix", NEEDLES_HELD_OUT_MIX], "sft_self"
     ),
 }
 RECIPE = ["--mix", ",".join(MIX), "--train-lengths", ",".join(map(str, TRAIN_LENGTHS)), "--max-steps", "50",
