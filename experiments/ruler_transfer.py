@@ -90,6 +90,23 @@ VARIANTS = {
         ["--short-prompt-ratio", "0.75", "--train-lengths", "1024", "--mix", NEEDLES_HELD_OUT_MIX],
         "opsdl_anchors_75_train_1024",
     ),
+    # The same at half the learning rate (RECIPE: 3e-4): no recipe above kept every family's short prompts within 2
+    # points of the base (cwe -6, fwe -8, niah_multivalue -13 on this split). Is the short-prompt loss the step size
+    # (a smaller drift from the adapter-free model), and what does a smaller step cost the held-out families?
+    "opsdl_anchors_75_train_1024_needles_lr_1.5e-4": Variant(
+        "opsdl",
+        [
+            "--short-prompt-ratio",
+            "0.75",
+            "--train-lengths",
+            "1024",
+            "--mix",
+            NEEDLES_HELD_OUT_MIX,
+            "--learning-rate",
+            "1.5e-4",
+        ],
+        "opsdl_anchors_75_train_1024_needles",
+    ),
     # TRL's SFT on the model's own short-prompt answers over the same prompts (the same split, all at 1,024 tokens):
     # the label-free baseline of the comparison, read with the same held-out families.
     "sft_self_train_1024_needles": Variant(
@@ -114,6 +131,7 @@ LABELS = {
     "opsdl_anchors_75_fwe": "OPSDL, 3 of 4 rows anchored, fwe trained for niah_multiquery (mix)",
     "opsdl_anchors_75_train_1024": "OPSDL, 3 of 4 rows anchored, trained at 1,024 tokens only (mix)",
     "opsdl_anchors_75_train_1024_needles": "OPSDL, 1,024 only, needle variants held out (mix)",
+    "opsdl_anchors_75_train_1024_needles_lr_1.5e-4": "OPSDL, 1,024 only, needle variants held out, lr 1.5e-4 (mix)",
     "sft_self_train_1024_needles": "TRL SFT-self, 1,024 only, needle variants held out (mix)",
 }
 

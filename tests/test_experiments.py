@@ -325,6 +325,13 @@ def test_ruler_transfer_needles_variant_trains_the_word_counts_and_holds_out_the
     args = cli_parser().parse_args(["demo", "--real", *ruler_transfer.RECIPE, *sft.options, "--methods", sft.method])
     assert list(args.mix) == ["niah_single", "vt", "cwe", "fwe"] and list(args.train_lengths) == [1024]
     assert ruler_transfer.split("sft_self_train_1024_needles") == needles_split
+    # half the learning rate, the same split
+    half_lr = "opsdl_anchors_75_train_1024_needles_lr_1.5e-4"
+    args = cli_parser().parse_args(
+        ["demo", "--real", *ruler_transfer.RECIPE, *ruler_transfer.VARIANTS[half_lr].options]
+    )
+    assert args.learning_rate == 1.5e-4 and args.short_prompt_ratio == 0.75 and list(args.train_lengths) == [1024]
+    assert ruler_transfer.split(half_lr) == needles_split
 
 
 def test_ruler_transfer_variant_against_its_recipe_hand_computed(tmp_path):
