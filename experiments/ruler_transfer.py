@@ -39,6 +39,8 @@ METHODS = ("opsdl", "sft_self")
 # The other split measured: the word-count families trained, the needle variants (niah_multikey, niah_multivalue,
 # niah_multiquery) held out.
 NEEDLES_HELD_OUT_MIX = "niah_single,vt,cwe,fwe"
+# The 1,024-only recipe's options on that split (its OPSDL variant and the variants that change it).
+NEEDLES_OPTIONS = ["--short-prompt-ratio", "0.75", "--train-lengths", "1024", "--mix", NEEDLES_HELD_OUT_MIX]
 
 
 class Variant(NamedTuple):
@@ -85,27 +87,12 @@ VARIANTS = {
     # needle variants held out (niah_multikey, niah_multivalue, niah_multiquery). cwe and fwe moved under no recipe,
     # trained or not, so with them held out the held-out column measures little but them; here it measures whether
     # the reading learned on one needle family carries to the needle families it never saw.
-    "opsdl_anchors_75_train_1024_needles": Variant(
-        "opsdl",
-        ["--short-prompt-ratio", "0.75", "--train-lengths", "1024", "--mix", NEEDLES_HELD_OUT_MIX],
-        "opsdl_anchors_75_train_1024",
-    ),
+    "opsdl_anchors_75_train_1024_needles": Variant("opsdl", NEEDLES_OPTIONS, "opsdl_anchors_75_train_1024"),
     # The same at half the learning rate (RECIPE: 3e-4): no recipe above kept every family's short prompts within 2
     # points of the base (cwe -6, fwe -8, niah_multivalue -13 on this split). Is the short-prompt loss the step size
     # (a smaller drift from the adapter-free model), and what does a smaller step cost the held-out families?
     "opsdl_anchors_75_train_1024_needles_lr_1.5e-4": Variant(
-        "opsdl",
-        [
-            "--short-prompt-ratio",
-            "0.75",
-            "--train-lengths",
-            "1024",
-            "--mix",
-            NEEDLES_HELD_OUT_MIX,
-            "--learning-rate",
-            "1.5e-4",
-        ],
-        "opsdl_anchors_75_train_1024_needles",
+        "opsdl", [*NEEDLES_OPTIONS, "--learning-rate", "1.5e-4"], "opsdl_anchors_75_train_1024_needles"
     ),
     # TRL's SFT on the model's own short-prompt answers over the same prompts (the same split, all at 1,024 tokens):
     # the label-free baseline of the comparison, read with the same held-out families.
