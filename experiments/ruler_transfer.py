@@ -19,6 +19,7 @@ model answers the same rows), with a 95% interval that paired questions make far
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,6 +95,13 @@ VARIANTS = {
     "opsdl_anchors_75_train_1024_needles_lr_1.5e-4": Variant(
         "opsdl", [*NEEDLES_OPTIONS, "--learning-rate", "1.5e-4"], "opsdl_anchors_75_train_1024_needles"
     ),
+    # The same split with half of each batch's rows on the short prompt (the demo's default) where the variants above
+    # anchor three of four: its SFT-self baseline below trains at that same share, so here both methods read
+    # the long prompt on as many rows. Do twice the long rows move the held-out needle variants past SFT-self's, and
+    # what do they cost the short prompts?
+    "opsdl_train_1024_needles": Variant(
+        "opsdl", [*NEEDLES_OPTIONS, "--short-prompt-ratio", "0.5"], "opsdl_anchors_75_train_1024_needles"
+    ),
     # TRL's SFT on the model's own short-prompt answers over the same prompts (the same split, all at 1,024 tokens):
     # the label-free baseline of the comparison, read with the same held-out families.
     "sft_self_train_1024_needles": Variant(
@@ -119,6 +127,7 @@ LABELS = {
     "opsdl_anchors_75_train_1024": "OPSDL, 3 of 4 rows anchored, trained at 1,024 tokens only (mix)",
     "opsdl_anchors_75_train_1024_needles": "OPSDL, 1,024 only, needle variants held out (mix)",
     "opsdl_anchors_75_train_1024_needles_lr_1.5e-4": "OPSDL, 1,024 only, needle variants held out, lr 1.5e-4 (mix)",
+    "opsdl_train_1024_needles": "OPSDL, 1,024 only, needle variants held out, 2 of 4 rows anchored (mix)",
     "sft_self_train_1024_needles": "TRL SFT-self, 1,024 only, needle variants held out (mix)",
 }
 
@@ -143,16 +152,24 @@ def run_step(command: list[str], log_file: Path) -> None:
     print(f"  done in {time.time() - start:.0f}s", flush=True)
 
 
-def bench(out: Path, name: str, quick: bool, adapter: str | None = None) -> None:
-    target = out / "bench" / name
+def bench(out: Path, name: str, quick: bool, adapter: str | None = None, short_samples: int | None = None) -> None:
+    """A model's table into `bench/<name>/`; with `short_samples`, the same table with that many rows in each
+    short-prompt cell into `bench_short<N>/<name>/`, whose cells start as a copy of `bench/<name>/cells/` (the long
+    cells are not recomputed: only the short ones are new)."""
+    folder = "bench" if short_samples is None else f"bench_short{short_samples}"
+    target = out / folder / name
     if (target / "ruler_bench.json").exists():
         return
+    if short_samples is not None and not (target / "cells").exists():
+        shutil.copytree(out / "bench" / name / "cells", target / "cells")
     lengths = [] if quick else ["--lengths", ",".join(map(str, BENCH_LENGTHS))]
     command = ["trl-opsdl", "bench", "ruler", *lengths, *(QUICK_BENCH if quick else BENCH), "--output-dir",
                str(target), "--label", name]  # fmt: skip
+    if short_samples is not None:
+        command += ["--short-samples", str(short_samples)]
     if adapter is not None:
-        command += ["--adapter", adapter, "--baseline", str(out / "bench" / "base" / "ruler_bench.json")]
-    run_step(command, out / "logs" / f"bench-{name}.log")
+        command += ["--adapter", adapter, "--baseline", str(out / folder / "base" / "ruler_bench.json")]
+    run_step(command, out / "logs" / f"{folder}-{name}.log")
 
 
 def train(out: Path, method: str, seed: int, quick: bool) -> str:
@@ -330,17 +347,61 @@ def paired_markdown(changes: dict, against: str = "the base", labels: dict = LAB
     return "\n".join(lines)
 
 
-def write_summary(out: Path) -> dict | None:
+def read_benches(folder: Path) -> tuple[dict, dict, list]:
+    """The benches under `folder` (`<method>-seed<k>/ruler_bench.json`, and `base/`): per method its results and its
+    folders (one per seed), and the methods in the table's order."""
     results, seed_dirs = {}, {}
-    for path in sorted((out / "bench").glob("*/ruler_bench.json")):
+    for path in sorted(folder.glob("*/ruler_bench.json")):
         name = path.parent.name
         method = "base" if name == "base" else name.rsplit("-seed", 1)[0]
         results.setdefault(method, []).append(json.loads(path.read_text()))
         seed_dirs.setdefault(method, []).append(path.parent)
+    order = ["base", *METHODS, *VARIANTS]
+    return results, seed_dirs, sorted(results, key=lambda m: order.index(m) if m in order else len(order))
+
+
+def short_check(folder: Path) -> dict | None:
+    """The benches of `bench_short<N>/` (N rows in each short-prompt cell): per method each family's short-prompt
+    score (mean over seeds) and its change against the base over the same N questions, with the pooled change over
+    families. None without the base there."""
+    results, seed_dirs, methods = read_benches(folder)
+    if "base" not in results:
+        return None
+    check = {}
+    for method in methods:
+        scores = [model_summary(r)["short_by_task"] for r in results[method]]
+        row = {"seeds": len(scores), "n": results[method][0]["short_samples"],
+               "score": {t: round(statistics.fmean(s[t] for s in scores), 2) for t in scores[0]}}  # fmt: skip
+        change = None if method == "base" else paired_changes(seed_dirs["base"], seed_dirs[method], *split(method))
+        if change is not None:
+            row["change"] = {t: change["by_cell"][f"{t}@short"] for t in row["score"]}
+            row["change"]["all families"] = change["short"]
+        check[method] = row
+    return check
+
+
+def short_check_markdown(check: dict) -> str:
+    families = list(check["base"]["score"])
+    n = check["base"]["n"]
+    lines = [f"Short prompts with {n} questions per family: the score (mean over seeds), then its change against the "
+             "base on the same questions (95% interval over questions):", "",
+             "| method | seeds | " + " | ".join(families) + " | all families |", "|---|---|" + "---|" * (len(families) + 1)]  # fmt: skip
+    for method, row in check.items():
+        mean = statistics.fmean(row["score"].values())
+        lines.append(f"| {label(method)} | {row['seeds']} | " + " | ".join(f"{row['score'][t]:.1f}" for t in families)
+                     + f" | {mean:.1f} |")  # fmt: skip
+    for method, row in check.items():
+        if "change" in row:
+            c = row["change"]
+            lines.append(f"| {label(method)} − base | {row['seeds']} | " + " | ".join(
+                f"{c[t]['delta']:+.1f} [{c[t]['ci95'][0]:+.1f}, {c[t]['ci95'][1]:+.1f}]" for t in [*families, "all families"]) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_summary(out: Path) -> dict | None:
+    results, seed_dirs, methods = read_benches(out / "bench")
     if not results:
         return None
-    order = ["base", *METHODS, *VARIANTS]
-    methods = sorted(results, key=lambda m: order.index(m) if m in order else len(order))
     summaries = {}
     for method in methods:
         # A method that trains other families is read with its own split; beside it the base model with the same
@@ -362,11 +423,17 @@ def write_summary(out: Path) -> dict | None:
         change = paired_changes(seed_dirs[reference], seed_dirs[variant], *split(variant))
         if change is not None:
             versus[variant] = table[variant]["paired_vs_" + reference] = change
-    (out / "transfer.json").write_text(json.dumps(table, indent=2) + "\n")
     markdown = transfer_markdown(table, lengths) + ("\n\n" + paired_markdown(changes) if changes else "")
     if versus:
         labels = {v: f"{LABELS.get(v, v)} − {LABELS.get(VARIANTS[v].reference)}" for v in versus}
         markdown += "\n\n" + paired_markdown(versus, "the recipe each variant changes", labels)
+    # The short-prompt cells again with more questions (`--short-samples N`): n = 30 cannot tell a 2-point change.
+    for folder in sorted(out.glob("bench_short*")):
+        check = short_check(folder)
+        if check is not None:
+            table.setdefault("short_check", {})[folder.name] = check
+            markdown += "\n\n" + short_check_markdown(check)
+    (out / "transfer.json").write_text(json.dumps(table, indent=2) + "\n")
     (out / "transfer.md").write_text(markdown + "\n")
     print(markdown)
     return table
@@ -380,6 +447,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(known)}.")
     parser.add_argument("--quick", action="store_true", help="Toy sizes: checks the pipeline in minutes.")
     parser.add_argument("--summary-only", action="store_true", help="Only rebuild the table from the benches present.")
+    parser.add_argument("--short-samples", type=int, default=None,
+                        help="Also bench each model's short prompts with this many questions per family "
+                        "(bench_short<N>/; the long cells are reused).")  # fmt: skip
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in known]
@@ -389,13 +459,19 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2.")
+    if args.short_samples is not None and args.short_samples < 1:
+        parser.error(f"--short-samples {args.short_samples}: must be positive.")
     out = Path(args.output_dir)
     if not args.summary_only:
         bench(out, "base", args.quick)
+        if args.short_samples is not None:
+            bench(out, "base", args.quick, short_samples=args.short_samples)
         for seed in seeds:
             for method in methods:
                 adapter = train(out, method, seed, args.quick)
                 bench(out, f"{method}-seed{seed}", args.quick, adapter)
+                if args.short_samples is not None:
+                    bench(out, f"{method}-seed{seed}", args.quick, adapter, args.short_samples)
                 write_summary(out)  # the table grows as each model's bench ends
     else:
         write_summary(out)

@@ -3,6 +3,7 @@ and their run files carry the step time split the package no longer records."""
 
 import dataclasses
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -150,16 +151,15 @@ def test_ruler_transfer_runs_each_step_once_with_commands_that_parse(tmp_path, m
         parsed.append(args)
         out = Path(args.output_dir)
         if args.command == "bench":
-            out.mkdir(parents=True)
-            (out / "ruler_bench.json").write_text(
-                json.dumps(
-                    _bench_results(
-                        {t: [50, 40, 30] for t in ruler_transfer.MIX + ruler_transfer.HELD_OUT},
-                        {t: 60 for t in ruler_transfer.MIX + ruler_transfer.HELD_OUT},
-                        ruler_transfer.BENCH_LENGTHS,
-                    )
-                )
+            out.mkdir(parents=True, exist_ok=True)  # a bench_short<N>/ folder exists: its cells were copied
+            (out / "cells").mkdir(exist_ok=True)
+            (out / "cells" / "cell.json").write_text("{}")
+            results = _bench_results(
+                {t: [50, 40, 30] for t in ruler_transfer.MIX + ruler_transfer.HELD_OUT},
+                {t: 60 for t in ruler_transfer.MIX + ruler_transfer.HELD_OUT},
+                ruler_transfer.BENCH_LENGTHS,
             )
+            (out / "ruler_bench.json").write_text(json.dumps({**results, "short_samples": args.short_samples or 30}))
         else:
             assert args.save_model and args.compare and tuple(args.mix) == ruler_transfer.MIX
             run = out / "runs" / f"{args.methods}-seed{args.seeds[0]}.json"
@@ -187,6 +187,20 @@ def test_ruler_transfer_runs_each_step_once_with_commands_that_parse(tmp_path, m
     assert train[train.index("--output-dir") + 1] == str(out / "compare-opsdl_anchors_75")
     assert bench[bench.index("--output-dir") + 1] == str(out / "bench" / "opsdl_anchors_75-seed0")
     assert "opsdl_anchors_75" in json.loads((out / "transfer.json").read_text())
+
+    # --short-samples: each model of the run benched again into bench_short<N>/, its long cells copied, not recomputed.
+    commands.clear()
+    argv = ["--output-dir", str(out), "--seeds", "0", "--methods", "opsdl", "--short-samples", "100"]
+    assert ruler_transfer.main(argv) == 0
+    assert [c[c.index("--output-dir") + 1] for c in commands] == [
+        str(out / "bench_short100" / "base"), str(out / "bench_short100" / "opsdl-seed0")]  # fmt: skip
+    assert all(c[c.index("--short-samples") + 1] == "100" for c in commands)
+    assert commands[1][commands[1].index("--baseline") + 1] == str(
+        out / "bench_short100" / "base" / "ruler_bench.json"
+    )
+    assert (out / "bench_short100" / "opsdl-seed0" / "cells" / "cell.json").exists()  # copied from bench/opsdl-seed0
+    with pytest.raises(SystemExit):
+        ruler_transfer.main(["--output-dir", str(out), "--short-samples", "0"])
 
     # A variant that overrides one of the recipe's options: the demo sees the variant's value.
     parsed.clear()
@@ -261,6 +275,43 @@ def test_ruler_transfer_summary_writes_variant_against_its_recipe(tmp_path):
         assert table["opsdl_anchors_75"]["paired"][column]["delta"] == 100
         assert table["opsdl_anchors_75"]["paired_vs_opsdl"][column]["delta"] == 50
     assert "| OPSDL, 3 of 4 rows anchored (mix) − OPSDL (mix) | " in (tmp_path / "transfer.md").read_text()
+
+
+def test_ruler_transfer_short_check_hand_computed(tmp_path):
+    """`bench_short<N>/`: each family's short-prompt score (seed mean) and its change against the base over the same
+    questions, pooled over families. Base: every family (100, 0, 0, 0); the method's two seeds answer q1 too on
+    `cwe` only, seed 0 also q2: cwe D = (0, +100, +50, 0)."""
+    import ruler_transfer
+
+    families = ruler_transfer.MIX + ruler_transfer.HELD_OUT
+    folder = tmp_path / "bench_short4"
+    for name, cwe in [
+        ("base", [100, 0, 0, 0]),
+        ("opsdl-seed0", [100, 100, 100, 0]),
+        ("opsdl-seed1", [100, 100, 0, 0]),
+    ]:
+        bench_dir = folder / name
+        bench_dir.mkdir(parents=True)
+        short = {t: (statistics.fmean(cwe) if t == "cwe" else 25) for t in families}
+        results = {**_bench_results({t: [0, 0] for t in families}, short), "short_samples": 4}
+        (bench_dir / "ruler_bench.json").write_text(json.dumps(results))
+        for family in families:
+            scores = cwe if family == "cwe" else [100, 0, 0, 0]
+            _write_cell(bench_dir, family, "short", {f"q{i}": s for i, s in enumerate(scores)})
+    check = ruler_transfer.short_check(folder)
+    assert check["base"]["score"]["cwe"] == 25 and check["opsdl"]["score"]["cwe"] == 62.5  # (75 + 50) / 2
+    assert check["opsdl"]["seeds"] == 2 and check["opsdl"]["n"] == 4 and "change" not in check["base"]
+    cwe = check["opsdl"]["change"]["cwe"]
+    # D = (0, 100, 50, 0): mean 37.5, sd sqrt((37.5^2 + 62.5^2 + 12.5^2 + 37.5^2) / 3) = 47.87, se 23.94
+    assert cwe["delta"] == 37.5 and cwe["se"] == pytest.approx(23.94, abs=0.01)
+    assert check["opsdl"]["change"]["fwe"]["delta"] == 0
+    # pooled over the 7 families: mean 37.5 / 7, se = 23.94 / 7 (the others' D are all 0)
+    pooled = check["opsdl"]["change"]["all families"]
+    assert pooled["delta"] == pytest.approx(37.5 / 7, abs=0.01)
+    assert pooled["ci95"][1] - pooled["delta"] == pytest.approx(1.96 * 23.94 / 7, abs=0.05)
+    markdown = ruler_transfer.short_check_markdown(check)
+    assert "Short prompts with 4 questions per family" in markdown and "| OPSDL (mix) − base | 2 |" in markdown
+    assert ruler_transfer.short_check(tmp_path / "nothing") is None
 
 
 def test_ruler_transfer_variant_with_its_own_mix_is_read_with_its_split(tmp_path):

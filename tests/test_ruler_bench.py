@@ -192,6 +192,33 @@ def test_an_adapter_is_merged_and_gets_cells_of_its_own(tiny, tmp_path, monkeypa
     assert not torch.equal(seen[0], seen[2])  # merged LoRA: other q_proj weights
 
 
+def test_short_samples_gives_the_short_cells_their_own_rows_and_keeps_the_long_cells(tiny, tmp_path, monkeypatch):
+    """`short_samples`: each family's short cell has that many rows, the long cells keep `num_samples` and stay cached
+    (their keys do not change); equal to `num_samples`, the short cells are the cached ones of a run without it."""
+    model, essays = tiny
+    calls = []
+    real_score_cell = ruler_bench.score_cell
+
+    def counting(model_, tokenizer, rows, column, *args, **kwargs):
+        calls.append((column, len(rows)))
+        return real_score_cell(model_, tokenizer, rows, column, *args, **kwargs)
+
+    monkeypatch.setattr(ruler_bench, "score_cell", counting)
+    options = dict(model=model, documents=essays, lengths=[512], tasks="niah_single,fwe", num_samples=2,
+                   max_new_tokens=2, progress=False, log=lambda *_: None)  # fmt: skip
+    out = str(tmp_path / "out")
+    run_ruler_bench(out, **options)
+    assert sorted(calls) == [("prompt", 2)] * 2 + [("teacher_prompt", 2)] * 2
+    calls.clear()
+    run_ruler_bench(out, short_samples=2, **options)  # = num_samples: the same keys, nothing computed
+    assert calls == []
+    results = run_ruler_bench(out, short_samples=5, **options)
+    assert calls == [("teacher_prompt", 5)] * 2  # only the short cells, with their own rows; the long cells cached
+    by_length = {(c["task"], c["length"]): c["n"] for c in results["cells"]}
+    assert by_length == {("niah_single", "short"): 5, ("fwe", "short"): 5, ("niah_single", 512): 2, ("fwe", 512): 2}
+    assert results["short_samples"] == 5 and results["table"]["by_task"]["fwe"]["short"]["n"] == 5
+
+
 def test_dtype_loads_the_model_in_that_precision_and_keys_its_own_cells(tiny, tmp_path, monkeypatch):
     """`--dtype bfloat16` answers with a bf16 model, and its cells are not the fp32 run's (greedy answers differ
     a little between precisions); the precision is written beside the table."""
@@ -253,6 +280,7 @@ def test_quick_bench_end_to_end_writes_json_markdown_plot(tiny, tmp_path, capsys
         (["--lengths", "50"], "--lengths 50 leaves no room for a prompt"),
         (["--lengths", "512,4096"], "--lengths 4096 is beyond the model's window (max_position_embeddings 2048)"),
         (["--num-samples", "0"], "--num-samples 0: must be positive"),
+        (["--short-samples", "0"], "--short-samples 0: must be positive"),
         (["--max-new-tokens", "0"], "--max-new-tokens 0: must be positive"),
         (["--batch-size", "0"], "--batch-size 0: must be positive"),
         (["--num-eval-documents", "0"], "--num-eval-documents 0: must be positive"),

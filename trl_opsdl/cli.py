@@ -413,6 +413,8 @@ def _add_bench(subparsers):
                    help="Lengths in tokens, prompt + answer budget (default: 1024,2048,4096,8192).")  # fmt: skip
     r.add_argument("--tasks", default="all", help="all, or comma-separated RULER families (niah_single, ..., fwe).")
     r.add_argument("--num-samples", type=int, default=None, help="Rows per cell (default: 30).")
+    r.add_argument("--short-samples", type=int, default=None,
+                   help="Rows of each short-prompt cell (default: --num-samples); short cells are cheap.")  # fmt: skip
     r.add_argument("--output-dir", required=True, help="Results and the cell cache (reused by a later run).")
     r.add_argument("--documents", default=None,
                    help="Folder of .txt haystack documents (default: the essays demo --real holds out).")  # fmt: skip
@@ -433,14 +435,15 @@ def _add_bench(subparsers):
 def _run_bench_ruler(args):
     from trl_opsdl.evaluation.ruler_bench import DEFAULT_LENGTHS, QUICK, run_ruler_bench
 
-    _check_counts(args, "num_samples", "num_eval_documents", "batch_size", "max_new_tokens")
+    _check_counts(args, "num_samples", "short_samples", "num_eval_documents", "batch_size", "max_new_tokens")
     sizes = dict(QUICK) if args.quick else dict(lengths=DEFAULT_LENGTHS, num_samples=30, max_new_tokens=None)
     given = {"lengths": args.lengths, "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens}
     sizes.update({k: v for k, v in given.items() if v is not None})  # an option given wins over --quick
     run_ruler_bench(
         args.output_dir, model=args.model, adapter=args.adapter, tasks=args.tasks, documents=args.documents,
         num_eval_documents=args.num_eval_documents, split_seed=args.split_seed, seed=args.seed,
-        batch_size=args.batch_size, dtype=args.dtype, baseline=args.baseline, label=args.label, **sizes,
+        batch_size=args.batch_size, dtype=args.dtype, baseline=args.baseline, label=args.label,
+        short_samples=args.short_samples, **sizes,
     )  # fmt: skip
     return 0
 

