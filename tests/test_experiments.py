@@ -383,6 +383,17 @@ def test_ruler_transfer_needles_variant_trains_the_word_counts_and_holds_out_the
     )
     assert args.learning_rate == 1.5e-4 and args.short_prompt_ratio == 0.75 and list(args.train_lengths) == [1024]
     assert ruler_transfer.split(half_lr) == needles_split
+    # two of four rows anchored, as the SFT-self baseline trains (its demo default), the same split
+    half_anchored = "opsdl_train_1024_needles"
+    args = cli_parser().parse_args(
+        ["demo", "--real", *ruler_transfer.RECIPE, *ruler_transfer.VARIANTS[half_anchored].options]
+    )
+    assert args.short_prompt_ratio == 0.5 and list(args.train_lengths) == [1024] and args.learning_rate == 3e-4
+    assert ruler_transfer.split(half_anchored) == needles_split
+    args = cli_parser().parse_args(["demo", "--real", *ruler_transfer.RECIPE, *sft.options, "--methods", sft.method])
+    from trl_opsdl.demo.config import RealDemoConfig
+
+    assert args.short_prompt_ratio is None and RealDemoConfig().short_prompt_ratio == 0.5  # SFT-self: the default
 
 
 def test_ruler_transfer_variant_against_its_recipe_hand_computed(tmp_path):
