@@ -369,7 +369,7 @@ def short_check(folder: Path) -> dict | None:
         return None
     check = {}
     for method in methods:
-        scores = [model_summary(r)["short_by_task"] for r in results[method]]
+        scores = [{t: row["short"]["score"] for t, row in r["table"]["by_task"].items()} for r in results[method]]
         row = {"seeds": len(scores), "n": results[method][0]["short_samples"],
                "score": {t: round(statistics.fmean(s[t] for s in scores), 2) for t in scores[0]}}  # fmt: skip
         change = None if method == "base" else paired_changes(seed_dirs["base"], seed_dirs[method], *split(method))

@@ -152,8 +152,9 @@ def test_ruler_transfer_runs_each_step_once_with_commands_that_parse(tmp_path, m
         out = Path(args.output_dir)
         if args.command == "bench":
             out.mkdir(parents=True, exist_ok=True)  # a bench_short<N>/ folder exists: its cells were copied
-            (out / "cells").mkdir(exist_ok=True)
-            (out / "cells" / "cell.json").write_text("{}")
+            if out.parent.name == "bench":  # a cell only the first bench computes; bench_short<N>/ must copy it
+                (out / "cells").mkdir()
+                (out / "cells" / "cell.json").write_text("{}")
             results = _bench_results(
                 {t: [50, 40, 30] for t in ruler_transfer.MIX + ruler_transfer.HELD_OUT},
                 {t: 60 for t in ruler_transfer.MIX + ruler_transfer.HELD_OUT},
