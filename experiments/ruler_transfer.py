@@ -102,6 +102,15 @@ VARIANTS = {
     "opsdl_train_1024_needles": Variant(
         "opsdl", [*NEEDLES_OPTIONS, "--short-prompt-ratio", "0.5"], "opsdl_anchors_75_train_1024_needles"
     ),
+    # Seven of each batch's eight rows anchored (batch 8, ratio 0.875): as many long rows per step as three of four at
+    # batch 4 (one), twice the short-prompt anchors. Neither half the step size nor fewer anchors kept every family's
+    # short prompts within 2 points (niah_multivalue -9.0, cwe -7.9 at n = 100 with three of four); do more anchors,
+    # at the same long-row budget, hold them, and what do they cost the held-out needle variants?
+    "opsdl_anchors_875_batch_8_needles": Variant(
+        "opsdl",
+        [*NEEDLES_OPTIONS, "--batch-size", "8", "--short-prompt-ratio", "0.875"],
+        "opsdl_anchors_75_train_1024_needles",
+    ),
     # TRL's SFT on the model's own short-prompt answers over the same prompts (the same split, all at 1,024 tokens):
     # the label-free baseline of the comparison, read with the same held-out families.
     "sft_self_train_1024_needles": Variant(
@@ -128,6 +137,7 @@ LABELS = {
     "opsdl_anchors_75_train_1024_needles": "OPSDL, 1,024 only, needle variants held out (mix)",
     "opsdl_anchors_75_train_1024_needles_lr_1.5e-4": "OPSDL, 1,024 only, needle variants held out, lr 1.5e-4 (mix)",
     "opsdl_train_1024_needles": "OPSDL, 1,024 only, needle variants held out, 2 of 4 rows anchored (mix)",
+    "opsdl_anchors_875_batch_8_needles": "OPSDL, 1,024 only, needle variants held out, 7 of 8 rows anchored (mix)",
     "sft_self_train_1024_needles": "TRL SFT-self, 1,024 only, needle variants held out (mix)",
 }
 

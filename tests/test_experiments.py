@@ -391,6 +391,14 @@ def test_ruler_transfer_needles_variant_trains_the_word_counts_and_holds_out_the
     )
     assert args.short_prompt_ratio == 0.5 and list(args.train_lengths) == [1024] and args.learning_rate == 3e-4
     assert ruler_transfer.split(half_anchored) == needles_split
+    # seven of eight rows anchored: batch 8, one long row per step as with three of four at batch 4
+    more_anchored = "opsdl_anchors_875_batch_8_needles"
+    args = cli_parser().parse_args(
+        ["demo", "--real", *ruler_transfer.RECIPE, *ruler_transfer.VARIANTS[more_anchored].options]
+    )
+    assert args.batch_size == 8 and args.short_prompt_ratio == 0.875 and list(args.train_lengths) == [1024]
+    assert args.batch_size - round(args.short_prompt_ratio * args.batch_size) == 1  # one long row per step
+    assert ruler_transfer.split(more_anchored) == needles_split
     args = cli_parser().parse_args(["demo", "--real", *ruler_transfer.RECIPE, *sft.options, "--methods", sft.method])
     from trl_opsdl.demo.config import RealDemoConfig
 
