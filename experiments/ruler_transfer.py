@@ -111,6 +111,17 @@ VARIANTS = {
         [*NEEDLES_OPTIONS, "--batch-size", "8", "--short-prompt-ratio", "0.875"],
         "opsdl_anchors_75_train_1024_needles",
     ),
+    # LoRA on the attention projections only (q, k, v, o; the recipe: every linear layer). What a long context needs
+    # is where to read; the reply's shape, which the short prompts lose on families no anchor shows, is at least
+    # partly the MLPs'. With the MLPs left as they were, do the short prompts stay, and at what cost to the long ones?
+    "opsdl_anchors_75_train_1024_needles_attn": Variant(
+        "opsdl",
+        [*NEEDLES_OPTIONS, "--lora-target-modules", "q_proj,k_proj,v_proj,o_proj"],
+        "opsdl_anchors_75_train_1024_needles",
+    ),
+    # TRL SFT-self with every training prompt at 1,024 tokens on the recipe's split: the like-for-like baseline of the
+    # 1,024-only OPSDL recipe there (the split's SFT-self runs trained at 512 and 1,024, as its first OPSDL runs).
+    "sft_self_train_1024": Variant("sft_self", ["--train-lengths", "1024"], "sft_self"),
     # TRL's SFT on the model's own short-prompt answers over the same prompts (the same split, all at 1,024 tokens):
     # the label-free baseline of the comparison, read with the same held-out families.
     "sft_self_train_1024_needles": Variant(
@@ -138,6 +149,8 @@ LABELS = {
     "opsdl_anchors_75_train_1024_needles_lr_1.5e-4": "OPSDL, 1,024 only, needle variants held out, lr 1.5e-4 (mix)",
     "opsdl_train_1024_needles": "OPSDL, 1,024 only, needle variants held out, 2 of 4 rows anchored (mix)",
     "opsdl_anchors_875_batch_8_needles": "OPSDL, 1,024 only, needle variants held out, 7 of 8 rows anchored (mix)",
+    "opsdl_anchors_75_train_1024_needles_attn": "OPSDL, 1,024 only, needle variants held out, LoRA on attention (mix)",
+    "sft_self_train_1024": "TRL SFT-self, trained at 1,024 tokens only (mix)",
     "sft_self_train_1024_needles": "TRL SFT-self, 1,024 only, needle variants held out (mix)",
 }
 

@@ -212,6 +212,10 @@ def test_ruler_transfer_runs_each_step_once_with_commands_that_parse(tmp_path, m
     variant = "opsdl_anchors_75_train_1024"
     assert ruler_transfer.main(["--output-dir", str(out), "--seeds", "0", "--methods", variant]) == 0
     assert list(parsed[0].train_lengths) == [1024]  # the variant's value, not the recipe's 512,1024
+    parsed.clear()  # its SFT-self baseline: TRL's SFT on the same prompts, the recipe's split
+    assert ruler_transfer.main(["--output-dir", str(out), "--seeds", "0", "--methods", "sft_self_train_1024"]) == 0
+    assert parsed[0].methods == "sft_self" and list(parsed[0].train_lengths) == [1024]
+    assert ruler_transfer.split("sft_self_train_1024") == (ruler_transfer.MIX, ruler_transfer.HELD_OUT)
 
 
 def _write_cell(bench_dir: Path, task: str, length, scores: dict, listed: bool = True) -> None:
@@ -399,6 +403,14 @@ def test_ruler_transfer_needles_variant_trains_the_word_counts_and_holds_out_the
     assert args.batch_size == 8 and args.short_prompt_ratio == 0.875 and list(args.train_lengths) == [1024]
     assert args.batch_size - round(args.short_prompt_ratio * args.batch_size) == 1  # one long row per step
     assert ruler_transfer.split(more_anchored) == needles_split
+    # LoRA on the attention projections only, the recipe otherwise
+    attention = "opsdl_anchors_75_train_1024_needles_attn"
+    args = cli_parser().parse_args(
+        ["demo", "--real", *ruler_transfer.RECIPE, *ruler_transfer.VARIANTS[attention].options]
+    )
+    assert list(args.lora_target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert args.short_prompt_ratio == 0.75 and list(args.train_lengths) == [1024] and args.learning_rate == 3e-4
+    assert ruler_transfer.split(attention) == needles_split
     args = cli_parser().parse_args(["demo", "--real", *ruler_transfer.RECIPE, *sft.options, "--methods", sft.method])
     from trl_opsdl.demo.config import RealDemoConfig
 

@@ -80,6 +80,7 @@ def test_build_data_squad_writes_pairs_of_the_requested_split(tiny, tmp_path, ca
         (["demo", "--real", "--temperature", "-1"], "temperature=-1.0 must be positive"),
         (["demo", "--real", "--temperature", "0"], "temperature=0.0 must be positive"),
         (["demo", "--real", "--compare", "--methods", "opsdl,nope"], "--methods \\['nope'\\] not in the real set"),
+        (["demo", "--real", "--lora-target-modules", ","], "--lora-target-modules is empty; name the linear layers"),
     ],
 )
 def test_bad_real_path_input_is_one_line_and_exit_2(tiny, argv, message, capsys, tmp_path, monkeypatch):
@@ -111,6 +112,47 @@ def test_demo_real_without_task_is_the_essay_ruler_task_and_squad_with_a_squad_f
         assert seen[-1].task == task
     recipe = (seen[-1].distillation_mode, seen[-1].learning_rate, seen[-1].short_prompt_ratio)
     assert recipe == ("topk_logits", 3e-4, 0.5)
+
+
+def test_real_lora_target_modules_reach_the_adapter_and_a_wrong_name_is_one_line_before_work(
+    tiny, tmp_path, capsys, monkeypatch
+):
+    """`--lora-target-modules q_proj,v_proj` gives LoRA to those layers only (the default: every linear layer); a name
+    the model has no linear layer for stops at preparation, naming it and the layers there are, before any evaluation
+    (the demo's measuring is made to fail) or training, with or without --compare."""
+    import dataclasses
+
+    from peft import get_peft_model
+
+    import trl_opsdl.demo.real as real
+    import trl_opsdl.demo.real_compare as real_compare
+    from trl_opsdl.demo.config import ALL_LINEAR, RealDemoConfig
+
+    model, squad = tiny
+
+    def adapted(names):
+        config = dataclasses.replace(RealDemoConfig(), lora_target_modules=names)
+        peft_model = get_peft_model(real.load_model(model), real.lora_config(config))
+        return {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
+
+    assert adapted(("q_proj", "v_proj")) == {"q_proj", "v_proj"}
+    assert adapted(RealDemoConfig().lora_target_modules) == set(ALL_LINEAR)
+
+    def measured(*args, **kwargs):
+        pytest.fail("evaluated before the adapter's layers were checked")
+
+    monkeypatch.setattr(real, "measure", measured)
+    monkeypatch.setattr(real_compare, "measure", measured)
+    for extra in ([], ["--compare", "--no-short-check"]):
+        out = tmp_path / f"out{len(extra)}"
+        argv = ["demo", "--real", "--quick", "--model", model, "--squad", squad, "--output-dir", str(out),
+                "--lora-target-modules", "q_proj,c_attn", *extra]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert "--lora-target-modules q_proj,c_attn: the model has no linear layer named 'c_attn'" in err
+        assert "choose among down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj" in err
+        assert not list(out.rglob("*.json"))  # no results, no run files
 
 
 def test_demo_real_refuses_a_used_output_folder_unless_overwrite(tiny, tmp_path, capsys):

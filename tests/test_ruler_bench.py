@@ -246,6 +246,26 @@ def test_dtype_loads_the_model_in_that_precision_and_keys_its_own_cells(tiny, tm
 # --- the command -------------------------------------------------------------------------------------------------------
 
 
+def test_peak_memory_is_the_peak_since_the_last_reset():
+    """A cell's peak memory is its own: after a 256 MiB tensor is freed, a reset starts a window without it (Linux's
+    peak resident set, VmHWM, reset through /proc/self/clear_refs). In a fresh process, where freeing the tensor hands
+    its pages back (a long-lived one may keep them in its heap, and then they count, as they are resident)."""
+    import os
+    import subprocess
+    import sys
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("no resettable peak resident set on this OS")
+    script = (
+        "import torch; from trl_opsdl import host; cpu = torch.device('cpu'); host.reset_peak_memory(cpu); "
+        "big = torch.ones(64 * 2**20); del big; with_tensor = host.peak_memory_gib(cpu); "
+        "host.reset_peak_memory(cpu); print(with_tensor, host.peak_memory_gib(cpu))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    with_tensor, after_reset = map(float, out.split())
+    assert with_tensor - after_reset > 0.2
+
+
 def test_quick_bench_end_to_end_writes_json_markdown_plot(tiny, tmp_path, capsys):
     model, essays = tiny
     out = tmp_path / "out"
@@ -262,6 +282,15 @@ def test_quick_bench_end_to_end_writes_json_markdown_plot(tiny, tmp_path, capsys
     at_512 = [c["score"] for c in long_cells if c["length"] == 512]
     assert table["by_length"]["512"]["score"] == pytest.approx(sum(at_512) / 7, abs=0.01)
     assert "| fwe |" in (out / "ruler_bench.md").read_text()
+    # What the cells cost (reported, not asserted against a target): seconds and peak memory, per length.
+    assert all(c["peak_memory_gib"] > 0 and c["seconds"] >= 0 for c in results["cells"])
+    cost = results["cost"]
+    assert list(cost) == ["short", "512", "1024"] and {c["cells"] for c in cost.values()} == {7}
+    for length, c in cost.items():
+        own = [cell for cell in results["cells"] if str(cell["length"]) == length]
+        assert c["peak_memory_gib"] == max(cell["peak_memory_gib"] for cell in own)
+        assert c["seconds_total"] == pytest.approx(sum(cell["seconds"] for cell in own), abs=0.2)
+    assert "| 1024 (7) |" in (out / "ruler_bench.md").read_text()
     assert (out / "ruler_bench.png").stat().st_size > 10_000
 
     # The same model against itself as the baseline: every cell cached, dashed lines and a table of zero changes.

@@ -35,3 +35,41 @@ def host_speed(size: int = 1024, repeats: int = 10) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+
+
+# Peak memory of a piece of work (a RULER bench cell): on a GPU the peak of allocated tensors; on a CPU the peak
+# resident set of the process (Linux's VmHWM, which writing "5" to /proc/self/clear_refs resets to the current
+# resident set; elsewhere the process's peak since it started, never reset).
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak-memory window for `peak_memory_gib(device)`."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_gib(device) -> float | None:
+    """Peak memory since the last `reset_peak_memory(device)`, in GiB: allocated tensors on a GPU, the process's
+    resident set on a CPU (None where neither can be read)."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        try:
+            import resource
+        except ImportError:  # not on this OS
+            return None
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return round(kib / 2**20, 2)

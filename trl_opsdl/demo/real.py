@@ -59,6 +59,8 @@ def check_real_config(config: RealDemoConfig) -> None:
     ):
         if getattr(config, name) < 1:
             raise ValueError(f"{name}={getattr(config, name)} must be at least 1.")
+    if not config.lora_target_modules:
+        raise ValueError("--lora-target-modules is empty; name the linear layers LoRA trains, e.g. q_proj,v_proj.")
     if config.eval_steps < 0:
         raise ValueError(f"eval_steps={config.eval_steps} must be 0 (no curve) or a positive number of steps.")
     for name in ("eval_lengths", "train_lengths"):
@@ -106,12 +108,31 @@ def _opsdl_kwargs(config: RealDemoConfig, output_dir) -> dict:
 
 
 def lora_config(config: RealDemoConfig):
-    """LoRA on every linear layer, alpha = 2r, no dropout (the toy demo's recipe); the base teacher is then the
-    adapter-free model."""
+    """LoRA on `lora_target_modules` (every linear layer by default), alpha = 2r, no dropout (the toy demo's recipe);
+    the base teacher is then the adapter-free model."""
     from peft import LoraConfig
 
-    return LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")  # fmt: skip
+    return LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
+                      target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")  # fmt: skip
+
+
+def check_lora_targets(config: RealDemoConfig, model_path: str) -> None:
+    """Every name in `lora_target_modules` must be a linear layer of the model: checked on an empty (meta-device)
+    copy built from its config, before any evaluation or training (peft would otherwise fail at the first trainer)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    linear.discard("lm_head")
+    missing = [name for name in config.lora_target_modules if name not in linear]
+    if missing:
+        raise ValueError(
+            f"--lora-target-modules {','.join(config.lora_target_modules)}: the model has no linear layer named "
+            f"{missing[0]!r}; choose among {','.join(sorted(linear))}."
+        )
 
 
 # --- scoring with intervals ------------------------------------------------------------------------------------------
@@ -235,6 +256,7 @@ def prepare(config: RealDemoConfig, log=print):
 
         articles = [row["text"].strip() for row in read_text_folder(source)]
     model_path = prepare_model(config.model)
+    check_lora_targets(config, model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train, held_out = split_articles(articles, config.num_eval_articles, seed=config.seed)
     log(

@@ -24,7 +24,7 @@ import socket
 import time
 
 from ..data.ruler import RULER_TASKS
-from ..host import host_speed
+from ..host import host_speed, peak_memory_gib, reset_peak_memory
 from .metrics import interval95, row_metric, score
 
 
@@ -310,7 +310,8 @@ def _fmt(entry: dict) -> str:
 
 def bench_table(results: dict, baseline: dict | None = None) -> str:
     """Markdown: one row per family (short prompt, each length, mean over lengths), then the average over families;
-    every figure with its 95% interval. With a `baseline` (the base model's results), a second table of changes."""
+    every figure with its 95% interval. With a `baseline` (the base model's results), a second table of changes; then
+    what the cells cost per length (`bench_cost`)."""
     table = results["table"]
     lengths = [str(n) for n in table["lengths"]]
     n = sorted({c["n"] for t in table["by_task"].values() for c in [t["short"], *t["lengths"].values()]})
@@ -347,6 +348,14 @@ def bench_table(results: dict, baseline: dict | None = None) -> str:
         cells = [delta(table["by_length"][n], base["by_length"].get(n)) for n in lengths]
         lines.append(f"| **average over families** | {delta(table['short'], base['short'])} | " + " | ".join(cells)
                      + f" | {delta(table['overall'], base['overall'])} |")  # fmt: skip
+    cost = results.get("cost")
+    if cost:
+        lines += ["", "What the cells cost here (seconds per cell; peak memory of the heaviest cell):", "",
+                  "| cells | seconds per cell | all cells | peak memory |", "|---|---|---|---|"]  # fmt: skip
+        for length, c in cost.items():
+            seconds = f"{c['seconds_min']:.0f}–{c['seconds_max']:.0f}" if c["seconds_min"] is not None else "–"
+            peak = f"{c['peak_memory_gib']:.2f} GiB" if c["peak_memory_gib"] is not None else "–"
+            lines.append(f"| {length} ({c['cells']}) | {seconds} | {c['seconds_total'] / 60:.1f} min | {peak} |")
     return "\n".join(lines)
 
 
@@ -488,6 +497,7 @@ def run_ruler_bench(
         "dtype": dtype,
         "host": host_speed(),  # the cells' seconds are read against it
         "table": aggregate(cells, tasks, lengths),
+        "cost": bench_cost(cells),  # seconds and peak memory per length, on `host`
         "cells": [{k: v for k, v in c.items() if k != "predictions"} for c in cells],
     }
     write_results(results, output_dir, base)
@@ -580,14 +590,32 @@ def _compute(pending, rows_of_cells, output_dir, model_path, adapter, tokenizer,
 
 def _compute_cell(spec, rows, path, model, tokenizer, batch_size, bar, weight):
     bar.set_postfix_str(f"{spec['task']} @ {spec['length']}")
+    reset_peak_memory(model.device)
     start = time.time()
     column = "teacher_prompt" if spec["length"] == "short" else "prompt"
     cell = score_cell(model, tokenizer, rows, column, spec["max_new_tokens"], batch_size,
                       on_batch=lambda k: bar.update(k * weight))  # fmt: skip
-    cell.update(task=spec["task"], length=spec["length"], seconds=round(time.time() - start, 1), key=spec)
+    cell.update(task=spec["task"], length=spec["length"], seconds=round(time.time() - start, 1), key=spec,
+                peak_memory_gib=peak_memory_gib(model.device))  # fmt: skip
     write_cell(path, cell)
     bar.write(f"  {spec['task']} @ {spec['length']}: {cell['score']:.1f} {tuple(cell['ci95'])} "
-              f"(n={cell['n']}, {cell['prompt_tokens']:.0f} prompt tokens, {cell['seconds']:.0f}s)")  # fmt: skip
+              f"(n={cell['n']}, {cell['prompt_tokens']:.0f} prompt tokens, {cell['seconds']:.0f}s, "
+              f"peak {cell['peak_memory_gib']} GiB)")  # fmt: skip
+
+
+def bench_cost(cells: list[dict]) -> dict:
+    """What the cells cost, per length ("short" first): seconds per cell (min, max, sum) and the peak memory of the
+    heaviest cell — the process's resident set on a CPU (model, activations, cache, Python), allocated tensors on a
+    GPU (`host.peak_memory_gib`). Cells cached before memory was recorded count for time only."""
+    cost = {}
+    for length in dict.fromkeys(str(c["length"]) for c in cells):
+        own = [c for c in cells if str(c["length"]) == length]
+        seconds = [c["seconds"] for c in own if "seconds" in c]
+        peaks = [c["peak_memory_gib"] for c in own if c.get("peak_memory_gib") is not None]
+        cost[length] = {"cells": len(own), "seconds_min": min(seconds, default=None),
+                        "seconds_max": max(seconds, default=None), "seconds_total": round(sum(seconds), 1),
+                        "peak_memory_gib": max(peaks, default=None)}  # fmt: skip
+    return cost
 
 
 def write_results(results: dict, output_dir: str, baseline: dict | None = None) -> dict:
