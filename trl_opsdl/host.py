@@ -1,6 +1,8 @@
 """The machine a run's seconds were measured on: hosts of one kind differ up to 3x in speed, so every timing the
-package records (the real demo's training time, a RULER bench cell's seconds) is written beside this figure."""
+package records (the real demo's training time, a RULER bench cell's seconds) is written beside this figure; and the
+peak memory of a piece of work (a RULER bench cell)."""
 
+import sys
 import time
 
 
@@ -71,5 +73,6 @@ def peak_memory_gib(device) -> float | None:
             import resource
         except ImportError:  # not on this OS
             return None
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        kib = kib / 1024 if sys.platform == "darwin" else kib
     return round(kib / 2**20, 2)
