@@ -81,10 +81,11 @@ class RealDemoConfig:
     teacher_model_kind: str = "base"
     short_prompt_ratio: float = 0.5  # also TRL's SFT baselines in --compare: that share of rows on the short prompt
     lora_r: int = 16
-    # The linear layers LoRA trains (by name; the toy demo's option too): every one by default. The attention
-    # projections alone (q_proj,k_proj,v_proj,o_proj) leave the MLPs as they were: measured in docs/results.md
-    # ("LoRA on the attention projections only").
-    lora_target_modules: tuple[str, ...] = ALL_LINEAR
+    # The linear layers LoRA trains (by name; the toy demo's option too): "all-linear" (peft's name for every linear
+    # layer but the output head, whatever the architecture calls them) by default. The attention projections alone
+    # (q_proj,k_proj,v_proj,o_proj) leave the MLPs as they were: docs/results.md ("LoRA on the attention projections
+    # only").
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
     # > 0: every `eval_steps` training steps, "contained" on the longest eval length's questions, long and with their
     # gold paragraph (`curve` in results.json / the run file); each point costs an evaluation of 2 x `eval_long` rows.
     eval_steps: int = 0

@@ -112,8 +112,9 @@ def lora_config(config: RealDemoConfig):
     the base teacher is then the adapter-free model."""
     from peft import LoraConfig
 
-    return LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
-                      target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")  # fmt: skip
+    targets = "all-linear" if config.lora_target_modules == ("all-linear",) else list(config.lora_target_modules)
+    return LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0, target_modules=targets,
+                      task_type="CAUSAL_LM")  # fmt: skip
 
 
 def check_lora_targets(config: RealDemoConfig, model_path: str) -> None:
@@ -123,6 +124,8 @@ def check_lora_targets(config: RealDemoConfig, model_path: str) -> None:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if config.lora_target_modules == ("all-linear",):  # peft finds them on any architecture
+        return
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
     linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
