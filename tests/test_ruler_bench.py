@@ -89,6 +89,13 @@ def test_numerics_differences_name_each_field_that_differs_and_skip_what_a_bench
         "cpu 'AMD EPYC' (baseline: 'Intel Xeon')", "torch '2.14.1' (baseline: '2.13.0')"]  # fmt: skip
     old_bench = ruler_bench.numerics({"dtype": "float32"})  # an early bench without a host record
     assert ruler_bench.numerics_differences(ours, old_bench) == ["dtype 'bfloat16' (baseline: 'float32')"]
+    # On a GPU the GPU computes: another host CPU beside the same GPU model is not other numerics; another GPU is.
+    h100 = {"dtype": "bfloat16", "host": {"cpu": "AMD EPYC", "gpu": "NVIDIA H100", "torch": "2.14.1"}}
+    other_cpu = {"dtype": "bfloat16", "host": {"cpu": "Intel Xeon", "gpu": "NVIDIA H100", "torch": "2.14.1"}}
+    h200 = {"dtype": "bfloat16", "host": {"cpu": "Intel Xeon", "gpu": "NVIDIA H200", "torch": "2.14.1"}}
+    assert ruler_bench.numerics_differences(ruler_bench.numerics(h100), ruler_bench.numerics(other_cpu)) == []
+    assert ruler_bench.numerics_differences(ruler_bench.numerics(h100), ruler_bench.numerics(h200)) == [
+        "gpu 'NVIDIA H100' (baseline: 'NVIDIA H200')"]  # fmt: skip
 
 
 # --- the cache ---------------------------------------------------------------------------------------------------------

@@ -139,9 +139,14 @@ NUMERICS = ("dtype", "cpu", "cpu_capability", "gpu", "torch", "transformers")
 
 
 def numerics(results: dict) -> dict:
-    """The precision and the host (CPU, torch's kernel set, versions) a bench's answers were computed under."""
+    """The precision and the host (CPU, torch's kernel set, GPU, versions) a bench's answers were computed under."""
     host = results.get("host") or {}
-    return {"dtype": results.get("dtype"), **{k: host.get(k) for k in NUMERICS[1:]}}
+    return _on_gpu_the_cpu_is_not_numerics({"dtype": results.get("dtype"), **{k: host.get(k) for k in NUMERICS[1:]}})
+
+
+def _on_gpu_the_cpu_is_not_numerics(found: dict) -> dict:
+    # A bench on a GPU computes there: two hosts with one GPU model and other CPUs give the same answers.
+    return {**found, "cpu": None, "cpu_capability": None} if found.get("gpu") else found
 
 
 def numerics_differences(ours: dict, baseline: dict) -> list[str]:
@@ -154,7 +159,9 @@ def numerics_differences(ours: dict, baseline: dict) -> list[str]:
 def cell_machines(cells: list[dict]) -> list[str]:
     """The machine kinds (`host.machine()`: CPU, kernel set, GPU, versions) the cells were computed on, one string each;
     cells from before cells recorded it are left out."""
-    found = {json.dumps(c["machine"], sort_keys=True) for c in cells if c.get("machine")}
+    found = {
+        json.dumps(_on_gpu_the_cpu_is_not_numerics(c["machine"]), sort_keys=True) for c in cells if c.get("machine")
+    }
     return sorted(", ".join(f"{k} {v}" for k, v in json.loads(m).items() if v is not None) for m in found)
 
 
@@ -502,7 +509,7 @@ def run_ruler_bench(
     dtype = resolve_dtype(dtype, "--dtype")
     base = read_baseline(baseline) if baseline is not None else None
     host = host_speed()  # the cells' seconds are read against it
-    differences = numerics_differences({"dtype": dtype, **host}, numerics(base)) if base is not None else []
+    differences = numerics_differences(numerics({"dtype": dtype, "host": host}), numerics(base)) if base else []
     if differences:
         log(
             f"warning: --baseline was benched under other numerics ({'; '.join(differences)}): greedy answers differ "
