@@ -281,6 +281,21 @@ def test_ruler_transfer_marks_a_change_whose_benches_ran_under_other_numerics(tm
     assert change["other_numerics"] == ["cpu 'AMD EPYC' (baseline: 'Intel Xeon')"]
     assert ("OPSDL (mix): benched under other numerics than its reference (cpu 'AMD EPYC' (baseline: 'Intel Xeon'))"
             in ruler_transfer.paired_markdown({"opsdl": change}))  # fmt: skip
+    # the short-prompt check's table (`bench_short<N>/`) says it too
+    (tmp_path / "short" / "base").mkdir(parents=True)
+    (tmp_path / "short" / "opsdl-seed0").mkdir()
+    for d, src in ((tmp_path / "short" / "base", base), (tmp_path / "short" / "opsdl-seed0", s1)):
+        for f in src.rglob("*"):
+            if f.is_file():
+                (d / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                (d / f.relative_to(src)).write_bytes(f.read_bytes())
+        results = json.loads((d / "ruler_bench.json").read_text())
+        results.update(short_samples=2, table={"by_task": {"a": {"short": {"score": 50.0}}}},
+                       cells=[c for c in results["cells"] if c["length"] == "short"])  # fmt: skip
+        (d / "ruler_bench.json").write_text(json.dumps(results))
+    check = ruler_transfer.short_check(tmp_path / "short")
+    assert check["opsdl"]["other_numerics"] == ["cpu 'AMD EPYC' (baseline: 'Intel Xeon')"]
+    assert "OPSDL (mix): benched under other numerics" in ruler_transfer.short_check_markdown(check)
 
 
 def test_ruler_transfer_summary_writes_variant_against_its_recipe(tmp_path):

@@ -44,13 +44,10 @@ def host_speed(size: int = 1024, repeats: int = 10) -> dict:
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
-    found = machine()
     return {
-        "cpu": found["cpu"],
+        **machine(),
         "torch_threads": torch.get_num_threads(),
-        "cpu_capability": found["cpu_capability"],
         "matmul_gflops_fp32": round(2 * size**3 / best / 1e9, 1),
-        **{k: found[k] for k in ("gpu", "torch", "transformers")},
     }
 
 
