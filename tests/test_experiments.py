@@ -471,3 +471,94 @@ def test_ruler_transfer_variant_against_its_recipe_hand_computed(tmp_path):
     results["cells"] = results["cells"][-1:]
     (r1 / "ruler_bench.json").write_text(json.dumps(results))
     assert ruler_transfer.paired_changes([r0, r1], [v0], trained=[], held_out=[]) is None
+
+
+def _write_replies(bench_dir: Path, task: str, length, answers: dict) -> None:
+    """A cached cell with replies, `answers`: `{question id: (score, reply)}`; listed in the folder's results."""
+    from trl_opsdl.evaluation.ruler_bench import cell_path, write_cell
+
+    key = {"task": task, "length": length}
+    predictions = [{"id": i, "score": s, "reply": r} for i, (s, r) in answers.items()]
+    write_cell(cell_path(str(bench_dir), key), {"predictions": predictions})
+    results_file = bench_dir / "ruler_bench.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {"cells": []}
+    results["cells"].append({"task": task, "length": length, "key": key})
+    results.update(num_samples=4, short_samples=4, dtype="bfloat16", seed=0, batch_size=8)
+    results_file.write_text(json.dumps(results))
+
+
+def _trajectory_benches(tmp_path: Path) -> dict:
+    """The base and two steps over families `a` (trained) and `b` (held out), 4 questions per cell."""
+    same = {f"q{i}": (0, "x") for i in range(4)}
+    cells = {
+        "base": {("a", "short"): same, ("b", "short"): same, ("a", 1024): same, ("b", 1024): same},
+        # step 2: a's short +50 (two replies changed), b's 1,024 -25 (one question was 100 at the base)
+        "step-2": {("a", "short"): {**same, "q0": (100, "y"), "q1": (100, "y")}, ("b", "short"): same,
+                   ("a", 1024): same, ("b", 1024): same},
+        "step-10": {("a", "short"): same, ("b", "short"): {**same, "q3": (100, "z")}, ("a", 1024): same,
+                    ("b", 1024): {**same, "q2": (100, "w")}},
+    }  # fmt: skip
+    for name, by_cell in cells.items():
+        for (task, length), answers in by_cell.items():
+            _write_replies(tmp_path / name, task, length, answers)
+    return {name: tmp_path / name for name in cells}
+
+
+def test_ruler_trajectory_hand_computed(tmp_path):
+    """Each step's change against the base over the same questions: short prompts (mean over families), the long cells
+    (trained / held-out families), each family's, and the share of short replies changed."""
+    import ruler_trajectory
+
+    d = _trajectory_benches(tmp_path)
+    table = ruler_trajectory.trajectory(d["base"], {2: d["step-2"], 10: d["step-10"]}, trained=["a"])
+    assert table["held_out"] == ["b"] and list(table["steps"]) == ["2", "10"]
+    step_2, step_10 = table["steps"]["2"], table["steps"]["10"]
+    # step 2, a short: D = (100, 100, 0, 0): mean 50, sd 57.74, se 28.87 -> 50 +- 56.6; b short: 0; mean over families 25
+    assert step_2["short_by_family"]["a"]["delta"] == 50 and step_2["short_by_family"]["a"]["ci95"] == [-6.6, 106.6]
+    assert step_2["short"]["delta"] == 25 and step_2["replies_changed"] == {"short": 25.0, "long": 0.0}
+    # step 10, b at 1,024: D = (0, 0, 100, 0): +25; the trained family's long cells did not move
+    assert step_10["long_by_family"]["b"]["delta"] == 25 and step_10["held_out"]["delta"] == 25
+    assert step_10["trained"]["delta"] == 0 and step_10["long"]["delta"] == 12.5
+    assert step_10["short_by_family"]["b"]["delta"] == 25 and step_10["replies_changed"]["short"] == 12.5
+    md = ruler_trajectory.trajectory_markdown(table)
+    assert "| 2 | +25.0 [" in md and "| b (held out) |" in md and md.index("| 2 |") < md.index("| 10 |")
+
+
+def test_ruler_trajectory_benches_the_checkpoints_once_in_the_order_given(tmp_path, monkeypatch, capsys):
+    """`--steps 10,2`: each checkpoint benched like the baseline (its row counts, precision, batch size), in that
+    order; a bench whose result exists is not run again; a step with no checkpoint is refused before any work."""
+    import shutil
+
+    import ruler_trajectory
+
+    d = _trajectory_benches(tmp_path / "made")
+    adapters = tmp_path / "models" / "opsdl-seed0"
+    for step in (2, 10):
+        (adapters / f"checkpoint-{step}").mkdir(parents=True)
+    assert list(ruler_trajectory.checkpoints(adapters)) == [2, 10]  # by step, not by name
+    commands = []
+
+    def fake_step(command, log_file):
+        commands.append(command)
+        out = Path(command[command.index("--output-dir") + 1])
+        shutil.copytree(d[out.name], out)
+
+    monkeypatch.setattr(ruler_trajectory, "run_step", fake_step)
+    out = tmp_path / "traj"
+    argv = ["--adapter-dir", str(adapters), "--baseline", str(d["base"]), "--output-dir", str(out), "--mix", "a"]
+    assert ruler_trajectory.main([*argv, "--steps", "10,2"]) == 0
+    assert [c[c.index("--adapter") + 1] for c in commands] == [str(adapters / "checkpoint-10"),
+                                                                str(adapters / "checkpoint-2")]  # fmt: skip
+    command = " ".join(commands[0])
+    assert "--lengths 1024 --tasks a,b --num-samples 4 --dtype bfloat16 --seed 0 --batch-size 8" in command
+    assert "--short-samples 4" in command and f"--baseline {d['base'] / 'ruler_bench.json'}" in command
+    table = json.loads((out / "trajectory.json").read_text())
+    assert list(table["steps"]) == ["2", "10"] and table["steps"]["10"]["held_out"]["delta"] == 25
+    commands.clear()
+    assert ruler_trajectory.main(argv) == 0 and commands == []  # both benches exist
+    with pytest.raises(SystemExit):
+        ruler_trajectory.main([*argv, "--steps", "3"])
+    assert "--steps 3: no checkpoint-3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ruler_trajectory.main([*argv, "--mix", "vt"])
+    assert "--mix vt: 'vt' is not a family of the baseline's bench" in capsys.readouterr().err

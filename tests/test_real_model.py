@@ -112,7 +112,7 @@ def test_opsdl_step_and_eval_callback_on_the_real_model(real, tmp_path):
     model = trainer.model.unload()  # the session's model, adapters removed
 
 
-def _quick(tmp_path, model, task="squad"):
+def _quick(tmp_path, model, task="squad", **settings):
     from trl_opsdl.demo.config import RealDemoConfig
     from trl_opsdl.demo.real import quick_config, run_real_demo
 
@@ -122,7 +122,8 @@ def _quick(tmp_path, model, task="squad"):
         from tests.real_fixtures import write_essays
 
         documents = dict(task=task, essays=write_essays(tmp_path / "essays"))
-    config = quick_config(RealDemoConfig(output_dir=str(tmp_path / "out"), model=model, eval_steps=1, **documents))
+    config = RealDemoConfig(output_dir=str(tmp_path / "out"), model=model, eval_steps=1, **documents, **settings)
+    config = quick_config(config)
     lines = []
     results = run_real_demo(config, log=lines.append)
     written = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -144,7 +145,10 @@ def _quick(tmp_path, model, task="squad"):
 
 @pytest.mark.parametrize("task", ["squad", "niah_single"])
 def test_quick_real_demo_on_a_tiny_bpe_chat_model(tmp_path, task):
-    _quick(tmp_path, save_bpe_chat_model(tmp_path / "tiny"), task)
+    _quick(tmp_path, save_bpe_chat_model(tmp_path / "tiny"), task, save_model=True, save_steps=2)
+    # --save-steps 2 of 2 steps: the adapter at step 2 beside the saved (merged) model, no other step
+    assert [p.name for p in (tmp_path / "out" / "model").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert (tmp_path / "out" / "model" / "checkpoint-2" / "adapter_config.json").is_file()
 
 
 def test_quick_real_demo_on_the_real_model(real_model, tmp_path):
@@ -246,6 +250,35 @@ def test_real_compare_save_model_writes_each_trained_adapter_for_bench_ruler(tmp
     run_real_compare(quick_config(config), {"opsdl": {}}, seeds=(1,), log=lambda *_: None)
     assert "adapter" not in json.loads((tmp_path / "cmp" / "runs" / "opsdl-seed1.json").read_text())
     assert not (tmp_path / "cmp" / "models" / "opsdl-seed1").exists()
+
+
+def test_real_compare_save_steps_keeps_the_adapter_of_every_nth_step(tmp_path):
+    """`--save-model --save-steps 1`: the adapter after each step in models/<method>-seed<k>/checkpoint-<step>, listed
+    in step order in the run file; each step's weights differ, the last step's are the saved adapter's, and the
+    checkpoints an earlier run left in that folder are gone (a trajectory comes from one run)."""
+    from dataclasses import replace
+
+    import torch
+
+    from trl_opsdl.demo.config import RealDemoConfig
+    from trl_opsdl.demo.real import quick_config
+    from trl_opsdl.demo.real_compare import run_real_compare
+    from trl_opsdl.evaluation.ruler_bench import load_bench_model
+
+    model = save_bpe_chat_model(tmp_path / "tiny")
+    squad = write_squad(tmp_path / "squad.json", num_articles=4, paragraphs=6)
+    config = RealDemoConfig(model=model, squad=squad, output_dir=str(tmp_path / "cmp"), short_check=False)
+    adapter = tmp_path / "cmp" / "models" / "opsdl-seed0"
+    (adapter / "checkpoint-7").mkdir(parents=True)  # an earlier run's
+    run_real_compare(replace(quick_config(config), save_model=True, save_steps=1), {"opsdl": {}}, seeds=(0,),
+                     log=lambda *_: None)  # fmt: skip
+    run = json.loads((tmp_path / "cmp" / "runs" / "opsdl-seed0.json").read_text())
+    assert run["checkpoints"] == [str(adapter / "checkpoint-1"), str(adapter / "checkpoint-2")]
+    assert not (adapter / "checkpoint-7").exists()
+    step_1, step_2 = (load_bench_model(model, path) for path in run["checkpoints"])
+    final = load_bench_model(model, run["adapter"])
+    assert any(not torch.equal(p, step_2.get_parameter(n)) for n, p in step_1.named_parameters())
+    assert all(torch.equal(p, final.get_parameter(n)) for n, p in step_2.named_parameters())
 
 
 def test_real_compare_without_the_short_check_needs_no_source_for_it(tmp_path, monkeypatch):

@@ -236,6 +236,7 @@ def test_short_samples_gives_the_short_cells_their_own_rows_and_keeps_the_long_c
     by_length = {(c["task"], c["length"]): c["n"] for c in results["cells"]}
     assert by_length == {("niah_single", "short"): 5, ("fwe", "short"): 5, ("niah_single", 512): 2, ("fwe", 512): 2}
     assert results["short_samples"] == 5 and results["table"]["by_task"]["fwe"]["short"]["n"] == 5
+    assert results["batch_size"] == 4  # recorded: greedy answers can change with it
 
 
 def test_dtype_loads_the_model_in_that_precision_and_keys_its_own_cells(tiny, tmp_path, monkeypatch):

@@ -93,6 +93,10 @@ class RealDemoConfig:
     num_threads: int = 2
     logging_steps: int = 1
     save_model: bool = False
+    # > 0 (with `save_model`): the LoRA adapter every `save_steps` training steps too, to `checkpoint-<step>` inside
+    # the saved adapter's folder (`--compare`: models/<method>-seed<k>; alone: model/), each loadable by
+    # `trl-opsdl bench ruler --adapter`: a run's scores step by step, benched after training.
+    save_steps: int = 0
     overwrite: bool = False
     extra: dict = field(default_factory=dict)  # further OPSDLConfig fields
 

@@ -63,6 +63,10 @@ def check_real_config(config: RealDemoConfig) -> None:
         raise ValueError("--lora-target-modules is empty; name the linear layers LoRA trains, e.g. q_proj,v_proj.")
     if config.eval_steps < 0:
         raise ValueError(f"eval_steps={config.eval_steps} must be 0 (no curve) or a positive number of steps.")
+    if config.save_steps < 0:
+        raise ValueError(f"--save-steps {config.save_steps} must be 0 (no checkpoints) or a positive number of steps.")
+    if config.save_steps and not config.save_model:
+        raise ValueError(f"--save-steps {config.save_steps} saves adapters beside the trained one: add --save-model.")
     for name in ("eval_lengths", "train_lengths"):
         if not getattr(config, name) or min(getattr(config, name)) < 64:
             raise ValueError(f"{name}={getattr(config, name)} must list target lengths of at least 64 tokens.")
@@ -192,6 +196,32 @@ def curve_callback(config: RealDemoConfig, sets: dict, tokenizer, log=print):
 
     options = dict(metric="contains", max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size)
     return Curve(sets[Curve.longest], tokenizer, config.eval_steps, **options)
+
+
+def adapter_checkpoints(config: RealDemoConfig, folder):
+    """With `config.save_steps`: a callback that saves the LoRA adapter (peft's `save_pretrained`: the adapter's
+    weights and config, MBs) to `<folder>/checkpoint-<step>` every `save_steps` steps, after clearing the checkpoints
+    an earlier run left there (a trajectory must come from one run). TRL's own `save_steps` would write full trainer
+    checkpoints (optimizer state, ~3x the adapter) into the trainer's scratch folder, which the demo deletes."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import TrainerCallback
+
+    if not config.save_steps:
+        return None
+    folder = Path(folder)
+
+    class AdapterCheckpoints(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            for stale in folder.glob("checkpoint-*"):
+                shutil.rmtree(stale)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % config.save_steps == 0:
+                model.save_pretrained(folder / f"checkpoint-{state.global_step}")
+
+    return AdapterCheckpoints()
 
 
 def curve_record(callback) -> dict:
@@ -377,7 +407,9 @@ def run_real_demo(config: RealDemoConfig | None = None, log=print) -> dict:
 
     curve = curve_callback(config, sets, tokenizer, log)
     with tempfile.TemporaryDirectory() as trainer_dir:
-        callbacks = [_progress_callback(log, config.max_steps, "  opsdl")] + ([curve] if curve else [])
+        checkpoints = adapter_checkpoints(config, output_dir / "model")
+        callbacks = [_progress_callback(log, config.max_steps, "  opsdl")]
+        callbacks += [c for c in (curve, checkpoints) if c is not None]
         trainer = opsdl_trainer(model, tokenizer, dataset, config, trainer_dir, callbacks)
         trainer.remove_callback(PrinterCallback)
         train_start = time.time()

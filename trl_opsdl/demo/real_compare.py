@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import RealDemoConfig
 from .real import (
+    adapter_checkpoints,
     check_real_config,
     curve_callback,
     curve_record,
@@ -155,9 +156,12 @@ def run_real_method(
     config = replace(config, **spec)
     model = load_model(model_path)
     curve = curve_callback(config, sets, tokenizer, log)
+    adapter_dir = Path(config.output_dir) / "models" / f"{name}-seed{config.seed}"
+    checkpoints = adapter_checkpoints(config, adapter_dir)
     start = time.time()
     with tempfile.TemporaryDirectory() as trainer_dir:
-        callbacks = [_progress_callback(log, config.max_steps, f"  {name}")] + ([curve] if curve else [])
+        callbacks = [_progress_callback(log, config.max_steps, f"  {name}")]
+        callbacks += [c for c in (curve, checkpoints) if c is not None]
         if kind == "opsdl":
             trainer = opsdl_trainer(model, tokenizer, dataset, config, trainer_dir, callbacks)
         else:
@@ -170,10 +174,12 @@ def run_real_method(
     seconds = time.time() - start
     saved = {}
     if config.save_model:  # the adapter (MBs, not the model): `trl-opsdl bench ruler --adapter` benches it
-        adapter_dir = Path(config.output_dir) / "models" / f"{name}-seed{config.seed}"
         trainer.model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
         saved = {"adapter": str(adapter_dir)}
+        if checkpoints is not None:  # in step order: checkpoint-10 before checkpoint-100
+            steps = sorted(int(p.name.split("-")[1]) for p in adapter_dir.glob("checkpoint-*"))
+            saved["checkpoints"] = [str(adapter_dir / f"checkpoint-{step}") for step in steps]
     model = trainer.model.merge_and_unload().eval()
     log(f"{name} seed {config.seed} (trained in {seconds:.0f}s):")
     scores = measure(model, tokenizer, sets, config.eval_max_new_tokens, config.eval_batch_size, log)

@@ -551,6 +551,7 @@ def run_ruler_bench(
         "seed": seed,
         "max_new_tokens": budgets,
         "dtype": dtype,
+        "batch_size": batch_size,  # greedy answers can change with it (padding, kernels), so it is recorded
         "host": host,
         "table": aggregate(cells, tasks, lengths),
         "cost": bench_cost(cells),  # seconds and peak memory per length, on `host`
