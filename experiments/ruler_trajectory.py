@@ -10,7 +10,7 @@ questions — short prompts per family, the long cells per family — with a 95%
 
 Each checkpoint's bench (`<output-dir>/step-<N>/`) is a `trl-opsdl bench ruler --adapter` run with the baseline's
 own lengths, row counts, precision and batch size (so every question pairs), skipped when its result exists; its
-cells are cached, so a stopped bench resumes. `trajectory.json` / `trajectory.md` are rebuilt from the benches
+cells are cached, so a stopped bench resumes. `trajectory.json` / `trajectory.md` / `trajectory.png` are rebuilt from the benches
 present. One heavy job at a time.
 """
 
@@ -124,6 +124,39 @@ def trajectory_markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_trajectory(table: dict, path: Path) -> Path:
+    """Change against the base vs training step: each family's short prompts (solid; held-out families marked x) and
+    the long cells' mean over families (thick black), each point with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [int(s) for s in table["steps"]]
+    entries = list(table["steps"].values())
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.axhline(0, color="grey", linewidth=0.8)
+    for i, task in enumerate(sorted(entries[0]["short_by_family"]) if entries else []):
+        changes = [e["short_by_family"][task]["delta"] for e in entries]
+        held_out = task in table["held_out"]
+        ax.plot(steps, changes, "-", marker="x" if held_out else "o", color=plt.cm.tab10(i % 10), linewidth=1,
+                markersize=4, label=f"{task} short{' (held out)' if held_out else ''}")  # fmt: skip
+    for key, style, label in (("short", "--", "short prompts, mean"), ("long", "-", "long cells, mean")):
+        changes = [e[key]["delta"] for e in entries]
+        low, high = [e[key]["ci95"][0] for e in entries], [e[key]["ci95"][1] for e in entries]
+        ax.plot(steps, changes, style, color="black", linewidth=2.5, marker="o", label=label)
+        ax.fill_between(steps, low, high, color="black", alpha=0.08)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("change against the base (points, same questions)")
+    ax.set_title("One run, step by step: short prompts per family and the long cells")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter-dir", required=True, type=Path, help="The saved adapter's folder, with checkpoint-*.")
@@ -160,6 +193,7 @@ def main(argv=None) -> int:
     table = trajectory(args.baseline, dict(sorted(benches.items())), args.mix.split(","))
     (args.output_dir / "trajectory.json").write_text(json.dumps(table, indent=1) + "\n")
     (args.output_dir / "trajectory.md").write_text(trajectory_markdown(table) + "\n")
+    plot_trajectory(table, args.output_dir / "trajectory.png")
     print(trajectory_markdown(table))
     return 0
 

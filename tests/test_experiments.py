@@ -554,6 +554,7 @@ def test_ruler_trajectory_benches_the_checkpoints_once_in_the_order_given(tmp_pa
     assert "--short-samples 4" in command and f"--baseline {d['base'] / 'ruler_bench.json'}" in command
     table = json.loads((out / "trajectory.json").read_text())
     assert list(table["steps"]) == ["2", "10"] and table["steps"]["10"]["held_out"]["delta"] == 25
+    assert (out / "trajectory.png").stat().st_size > 1000
     commands.clear()
     assert ruler_trajectory.main(argv) == 0 and commands == []  # both benches exist
     with pytest.raises(SystemExit):
