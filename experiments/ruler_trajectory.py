@@ -71,8 +71,14 @@ def replies_changed(baseline: Path, bench: Path) -> dict:
 def trajectory(baseline: Path, benches: dict[int, Path], trained) -> dict:
     """Per step: the paired changes against the baseline (`ruler_transfer.paired_changes`: short prompts and the long
     cells, trained and held-out families), each family's short-prompt change, the share of replies changed."""
-    steps = {}
-    families = sorted({t for t, _ in cell_scores(baseline)})
+
+    def long_cells(scores, family):  # one family's questions at every benched length, keyed apart per length
+        return {
+            f"{n}:{i}": s for (t, n), cell in scores.items() if t == family and n != "short" for i, s in cell.items()
+        }
+
+    steps, base_scores = {}, cell_scores(baseline)
+    families = sorted({t for t, _ in base_scores})
     held_out = [t for t in families if t not in trained]
     for step, bench in benches.items():
         changes = paired_changes([baseline], [bench], trained=trained, held_out=held_out, longest_trained=0)
@@ -80,14 +86,8 @@ def trajectory(baseline: Path, benches: dict[int, Path], trained) -> dict:
             raise ValueError(
                 f"{bench}: its cells do not pair with the baseline's questions; bench it like the baseline."
             )
-        base_scores, step_scores = cell_scores(baseline), cell_scores(bench)
-        long_by_family = {
-            t: paired_change(
-                {f"{n}:{i}": s for (f, n), c in base_scores.items() if f == t and n != "short" for i, s in c.items()},
-                {f"{n}:{i}": s for (f, n), c in step_scores.items() if f == t and n != "short" for i, s in c.items()},
-            )
-            for t in families
-        }
+        step_scores = cell_scores(bench)
+        long_by_family = {t: paired_change(long_cells(base_scores, t), long_cells(step_scores, t)) for t in families}
         steps[str(step)] = {
             "short": changes["short"],
             "long": changes["beyond"],  # every family at every benched length (all beyond "0")
